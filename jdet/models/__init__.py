@@ -1,0 +1,21 @@
+"""Detectors by name: ``MODELS[name](**config.model)`` builds a Linen module.
+
+Each detector implements ``loss(batch, *, train=True) -> (loss, metrics)`` and
+``predict(batch) -> jdet.Detections`` (see the design notes in the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+# Filled in as detectors land: {"ssd": SSD, "refinedet": RefineDet, ...}.
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+  """Returns the detector module registered as ``name``, built with ``kwargs``."""
+  if name not in MODELS:
+    raise KeyError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+  return MODELS[name](**kwargs)
