@@ -10,6 +10,10 @@ Bad input never crashes a run and is never dropped silently: sources call
 reason; the log counts each reason and warns with the details the first few
 times. A malformed annotation *file* is different: it raises
 :class:`AnnotationError` at start-up, naming the file, the record and the field.
+
+An image that cannot be decoded when it is read (missing, truncated, not an
+image) makes ``source[i]`` return ``None`` after a counted skip; the pipeline
+filters ``None`` out. Sources check what they can at start-up, so this is rare.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Example", "DetectionSource", "AnnotationError", "SkipLog", "empty_annotations"]
+__all__ = ["Example", "DetectionSource", "AnnotationError", "SkipLog", "empty_annotations",
+           "clean_boxes", "clean_annotations"]
 
 log = logging.getLogger("jdet.data")
 
@@ -71,6 +76,82 @@ def empty_annotations() -> dict[str, np.ndarray]:
               crowd=np.zeros((0,), bool), difficult=np.zeros((0,), bool))
 
 
+def clean_boxes(boxes, *, size: tuple[int, int], file: str, record: Any, skip_log: SkipLog,
+                box_ids: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Drops unusable boxes and clips the rest to the image, counting each change.
+
+  In order: boxes with a NaN or infinite coordinate are skipped; empty or
+  inverted boxes (``x2 <= x1`` or ``y2 <= y1``) are skipped; the rest are
+  clipped to the image (a counted fix when a coordinate moves); boxes left
+  with no area by the clipping (entirely outside the image) are skipped. Each
+  skip and fix is counted in ``skip_log`` with the file, the record and the
+  box (its index, and its id from ``box_ids`` when given).
+
+  Args:
+    boxes: ``[N, 4]`` xyxy in pixels of the upright image.
+    size: ``(h, w)`` of the upright image.
+    file, record: for messages (e.g. the image file and the image id).
+    skip_log: where skips and fixes are counted.
+    box_ids: optional ``[N]`` ids of the boxes for messages (e.g. COCO
+      annotation ids).
+  Returns:
+    ``(boxes, kept)``: ``[K, 4]`` float32 with ``0 <= x1 < x2 <= w`` and
+    ``0 <= y1 < y2 <= h``, and ``[K]`` int64 indices of the kept boxes in the
+    input, in their original order.
+  """
+  b = np.asarray(boxes, np.float32).reshape(-1, 4)
+  h, w = size
+  x1, y1, x2, y2 = b.T
+  with np.errstate(invalid="ignore"):  # NaN compares False: never "good"
+    good = (x1 >= 0) & (y1 >= 0) & (x2 <= w) & (y2 <= h) & (x2 > x1) & (y2 > y1)
+  if good.all():  # the common case, kept fast for start-up over big files
+    return b, np.arange(len(b))
+
+  def note(kind: str, reason: str, which: np.ndarray) -> None:
+    for i in np.flatnonzero(which):
+      name = f"box {i}" + (f" (id {box_ids[i]})" if box_ids is not None else "")
+      getattr(skip_log, kind)(reason, file=file, record=record,
+                              detail=f"{name}: {np.round(b[i], 2).tolist()}")
+
+  finite = np.isfinite(b).all(axis=1)
+  note("skip", "box with NaN or infinite coordinate", ~finite)
+  with np.errstate(invalid="ignore"):
+    ordered = finite & (x2 > x1) & (y2 > y1)
+  note("skip", "empty or inverted box", finite & ~ordered)
+  clipped = b.copy()
+  clipped[:, 0::2] = np.clip(b[:, 0::2], 0.0, float(w))
+  clipped[:, 1::2] = np.clip(b[:, 1::2], 0.0, float(h))
+  inside = ordered & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+  note("skip", "box outside image", ordered & ~inside)
+  note("fix", "box clipped to image", inside & ~good)
+  kept = np.flatnonzero(inside)
+  return clipped[kept].reshape(-1, 4), kept
+
+
+def clean_annotations(boxes, labels, crowd, difficult, *, size: tuple[int, int], file: str,
+                      record: Any, skip_log: SkipLog,
+                      box_ids: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+  """Cleans the annotations of one image (:func:`clean_boxes`); every source calls it.
+
+  Args:
+    boxes: ``[N, 4]`` xyxy in pixels of the upright image.
+    labels: ``[N]`` contiguous class indices.
+    crowd, difficult: ``[N]`` flags, or None for all False.
+    size, file, record, skip_log, box_ids: as for :func:`clean_boxes`.
+  Returns:
+    dict with the kept ``boxes`` ``[K, 4]`` float32, ``labels`` ``[K]`` int32,
+    ``crowd`` ``[K]`` bool and ``difficult`` ``[K]`` bool: the annotation
+    fields of :class:`Example`.
+  """
+  b = np.asarray(boxes, np.float32).reshape(-1, 4)
+  n = len(b)
+  labels = np.asarray(labels, np.int32).reshape(n)
+  crowd = np.zeros(n, bool) if crowd is None else np.asarray(crowd, bool).reshape(n)
+  difficult = np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool).reshape(n)
+  b, kept = clean_boxes(b, size=size, file=file, record=record, skip_log=skip_log, box_ids=box_ids)
+  return dict(boxes=b, labels=labels[kept], crowd=crowd[kept], difficult=difficult[kept])
+
+
 @runtime_checkable
 class DetectionSource(Protocol):
   """What a data source offers to the pipeline and to the evaluator."""
@@ -79,7 +160,9 @@ class DetectionSource(Protocol):
 
   def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> Example: ...
+  def __getitem__(self, index: int) -> Example | None:
+    """The example, or None (after a counted skip) if its image cannot be decoded."""
+    ...
 
   def coco_ground_truth(self) -> dict:
     """The ground truth as a COCO-format dict (``images``, ``annotations``,
@@ -114,6 +197,19 @@ class SkipLog:
       more = " (further ones counted, not shown)" if n == self.max_warnings else ""
       log.warning("%s: %s %s: file %s, record %r%s%s", self.name, kind, reason, file, record,
                   f": {detail}" if detail else "", more)
+
+  def __getstate__(self) -> dict:
+    # Picklable (the lock is not), so that sources holding a log can be sent to
+    # data-loading worker processes; each copy then counts on its own.
+    state = self.__dict__.copy()
+    del state["_lock"]
+    state["_counts"] = self.counts()
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._counts = collections.Counter(state["_counts"])
+    self._lock = threading.Lock()
 
   def skip(self, reason: str, *, file: str, record: Any, detail: str = "") -> None:
     """Records that an image or a box was left out, and why."""
