@@ -1,0 +1,234 @@
+"""Shared pieces of the ``data`` section of the model configs.
+
+A model config builds its data section from one *source* helper (which data,
+for the ``train`` and ``val`` splits) and one *transforms* helper (which
+augmentation recipe), joined by :func:`data_config`::
+
+  from configs import common
+
+  def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.data = common.data_config(
+        common.shapes_data(image_size=128, num_train=2048, num_val=256),
+        common.ssd_augment(128), batch_size=16)
+    ...
+
+The resulting section, which :mod:`jdet.data.builder` (the only reader) turns
+into sources and transforms::
+
+  data.num_classes      # classes of the dataset (None if unknown), for the model's check
+  data.train, data.val  # one source each: ``kind`` ("shapes", "coco", "voc", "tfds")
+                        # plus that kind's arguments
+  data.transforms       # ``recipe`` ("ssd" or "rcnn") plus its parameters
+  data.max_boxes        # M, boxes per image after padding
+  data.batch_size       # global training batch
+  data.eval_batch_size  # global evaluation batch
+  data.num_workers      # grain worker processes per host (0: in the main process)
+  data.seed             # shuffling and augmentation seed
+
+Every field can be overridden on the command line, e.g.
+``--config.data.seed=3`` or ``--config.data.train.num_images=64``.
+
+Importing this module from a config file
+----------------------------------------
+Config files in ``configs/`` say ``from configs import common``: ``configs`` is
+a package of the repository root, importable when the root is on
+``sys.path``. It is when a program runs from the root: ``python train.py``
+puts the script's folder (the root) first, ``python -m jdet.data.browse``
+puts the working directory first, and pytest puts the root first for the
+tests. For a program started from anywhere else, the programs call
+:func:`jdet.data.builder.put_configs_on_path` before parsing flags, which puts
+the root of the repository that holds the ``--config`` file (or of the jdet
+source checkout) first on ``sys.path``. Config files never edit ``sys.path``
+themselves.
+
+Paths to datasets are arguments (e.g. a config variant string), never written
+into this file.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
+           "ssd_augment", "rcnn_augment"]
+
+ConfigDict = ml_collections.ConfigDict
+
+# Number of classes of the datasets the helpers know.
+_NUM_CLASSES = {"shapes": 5, "coco": 80, "voc": 20, "raccoon": 1}
+
+
+def _source(num_classes: int | None, train: dict, val: dict) -> ConfigDict:
+  return ConfigDict(dict(num_classes=num_classes, train=train, val=val))
+
+
+# ----------------------------------------------------------------------------
+# Sources: return ConfigDict(num_classes=..., train=..., val=...).
+# ----------------------------------------------------------------------------
+
+
+def shapes_data(*, image_size: int = 128, num_train: int = 2048, num_val: int = 256,
+                seed: int = 0, min_objects: int = 1, max_objects: int = 6,
+                min_size: float = 0.08, max_size: float = 0.85) -> ConfigDict:
+  """Generated shapes (:class:`jdet.data.shapes.ShapesSource`): no files, 5 classes.
+
+  Args:
+    image_size: side of the square images.
+    num_train, num_val: images in each split (the splits never share images).
+    seed: the images' seed (not the pipeline's, which is ``data.seed``).
+    min_objects, max_objects, min_size, max_size: see ``ShapesSource``.
+  """
+  def split(name: str, n: int) -> dict:
+    return dict(kind="shapes", split=name, num_images=n, image_size=image_size, seed=seed,
+                min_objects=min_objects, max_objects=max_objects, min_size=min_size,
+                max_size=max_size)
+
+  return _source(_NUM_CLASSES["shapes"], split("train", num_train), split("val", num_val))
+
+
+def coco_data(root: str, *, year: int = 2017, train_keep_empty: bool = False,
+              check_sizes: bool = True) -> ConfigDict:
+  """COCO detection (:class:`jdet.data.coco.CocoSource`), 80 classes.
+
+  Args:
+    root: the COCO folder with ``annotations/instances_{train,val}<year>.json``
+      and the image folders ``train<year>/`` and ``val<year>/``.
+    year: 2017 (or 2014).
+    train_keep_empty: keep training images without boxes (MMDetection and
+      the SSD recipes leave them out); validation always keeps them.
+    check_sizes: read every image header at start-up.
+  """
+  def split(name: str, keep_empty: bool) -> dict:
+    return dict(kind="coco", annotation_file=f"{root}/annotations/instances_{name}{year}.json",
+                image_root=f"{root}/{name}{year}", keep_empty=keep_empty, check_sizes=check_sizes)
+
+  return _source(_NUM_CLASSES["coco"], split("train", train_keep_empty), split("val", True))
+
+
+def voc_data(root: str, *, train_splits: Sequence[str] = ("VOC2007/trainval", "VOC2012/trainval"),
+             test_split: str = "VOC2007/test", class_names: Sequence[str] | None = None,
+             check_sizes: bool = True) -> ConfigDict:
+  """Pascal VOC-layout data (:class:`jdet.data.voc.VocSource`).
+
+  Args:
+    root: the folder the splits are relative to (``VOCdevkit`` for VOC).
+    train_splits: the training data, concatenated: each ``"<folder>/<split>"``
+      (``root/<folder>`` is a VOC tree and ``<split>`` names
+      ``ImageSets/Main/<split>.txt``) or ``"<split>"`` when ``root`` is the tree.
+      The default is the SSD paper's VOC07+12 trainval.
+    test_split: the validation data, in the same form (VOC2007 test).
+    class_names: the classes in label order; None infers them (the 20 VOC
+      classes for a VOC tree).
+    check_sizes: read every image header at start-up.
+  """
+  def split(splits: Sequence[str]) -> dict:
+    return dict(kind="voc", root=root, splits=tuple(splits),
+                class_names=None if class_names is None else tuple(class_names),
+                check_sizes=check_sizes)
+
+  num_classes = _NUM_CLASSES["voc"] if class_names is None else len(class_names)
+  return _source(num_classes, split(train_splits), split((test_split,)))
+
+
+def raccoon_data(root: str) -> ConfigDict:
+  """The raccoon photos (one class, VOC layout, splits ``train`` and ``val``).
+
+  Args:
+    root: the tree holding ``Annotations/``, ``JPEGImages/``, ``ImageSets/``.
+  """
+  return voc_data(root, train_splits=("train",), test_split="val", class_names=("raccoon",))
+
+
+def tfds_data(name: str, *, train_split: str = "train", val_split: str = "validation",
+              data_dir: str | None = None, num_classes: int | None = None) -> ConfigDict:
+  """A prepared TensorFlow Datasets copy (:class:`jdet.data.tfds.TfdsSource`).
+
+  Args:
+    name: ``"coco/2017"``, ``"voc/2007"``, ``"voc/2012"``, ...
+    train_split, val_split: tfds split names (VOC's test split is ``"test"``).
+    data_dir: where it was prepared (tfds's default if None).
+    num_classes: the number of classes; by default known for coco and voc.
+  """
+  if num_classes is None:
+    num_classes = _NUM_CLASSES.get(name.split("/", 1)[0])
+
+  def split(s: str) -> dict:
+    return dict(kind="tfds", name=name, split=s, data_dir=data_dir)
+
+  return _source(num_classes, split(train_split), split(val_split))
+
+
+# ----------------------------------------------------------------------------
+# Transforms: return ConfigDict(recipe=..., parameters...).
+# ----------------------------------------------------------------------------
+
+
+def ssd_augment(size: int = 300, *, channel_swap: bool = True,
+                mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> ConfigDict:
+  """The SSD / RefineDet recipe (``jdet.data.transforms.ssd_train_transforms`` & eval).
+
+  Training: photometric distortion, zoom out, min-IoU crop, flip, resize to
+  ``size`` x ``size``, normalise. Evaluation: resize, normalise.
+  """
+  return ConfigDict(dict(recipe="ssd", size=size, channel_swap=channel_swap, mean=tuple(mean),
+                         std=tuple(std)))
+
+
+def rcnn_augment(scales: Sequence[Sequence[int]] = ((800, 1333),),
+                 canvas: Sequence[int] | None = (1344, 1344), *, mode: str = "value",
+                 test_scale: Sequence[int] | None = None,
+                 buckets: Sequence[Sequence[int]] | None = None, flip_prob: float = 0.5,
+                 mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> ConfigDict:
+  """The Faster / Sparse R-CNN recipe (``jdet.data.transforms.rcnn_train_transforms`` & eval).
+
+  Args:
+    scales: training ``(short, max_long)`` pairs, picked per ``mode``
+      (``"value"``: one of them; ``"range"``: uniform in between).
+    canvas: ``(H, W)`` every image is padded to (bottom/right).
+    test_scale: the evaluation ``(short, max_long)``; default the largest of ``scales``.
+    buckets: ``(H, W)`` sizes to pad to instead of ``canvas`` (the smallest that fits).
+    flip_prob: horizontal flip probability in training.
+    mean, std: normalisation, per RGB channel in 0..255 units.
+  """
+  scales = tuple((int(s), int(l)) for s, l in scales)
+  if test_scale is None:
+    test_scale = max(scales)
+  return ConfigDict(dict(
+      recipe="rcnn", scales=scales, mode=mode, test_scale=tuple(int(v) for v in test_scale),
+      canvas=None if canvas is None else tuple(int(v) for v in canvas),
+      buckets=None if buckets is None else tuple(tuple(int(v) for v in b) for b in buckets),
+      flip_prob=flip_prob, mean=tuple(mean), std=tuple(std)))
+
+
+# ----------------------------------------------------------------------------
+# The whole section.
+# ----------------------------------------------------------------------------
+
+
+def data_config(source: ConfigDict, transforms: ConfigDict, *, batch_size: int,
+                eval_batch_size: int | None = None, max_boxes: int = 100, num_workers: int = 0,
+                seed: int = 0) -> ConfigDict:
+  """The ``data`` section: a source helper's result, a transforms helper's, and the loader.
+
+  Args:
+    source: from :func:`shapes_data`, :func:`coco_data`, ... (``num_classes``,
+      ``train``, ``val``).
+    transforms: from :func:`ssd_augment` or :func:`rcnn_augment`.
+    batch_size: global training batch (images over all devices and hosts).
+    eval_batch_size: global evaluation batch; default ``batch_size``.
+    max_boxes: M, ground-truth boxes per image after padding.
+    num_workers: grain worker processes per host (0 reads in the main process).
+    seed: shuffling and augmentation seed.
+  """
+  return ConfigDict(dict(
+      num_classes=source.num_classes, train=source.train, val=source.val,
+      transforms=transforms, max_boxes=max_boxes, batch_size=batch_size,
+      eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
+      num_workers=num_workers, seed=seed))

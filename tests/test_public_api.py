@@ -1,0 +1,37 @@
+"""The names the design notes promise under `import jdet` exist and work together."""
+
+import numpy as np
+import pytest
+import torchvision
+import torch
+
+import jdet
+from jdet.testing import random_boxes
+
+
+def test_promised_names_exist():
+  for name in ("build_model", "Detections", "boxes", "ops", "assign"):
+    assert hasattr(jdet, name), name
+  for fn in (jdet.ops.nms, jdet.ops.batched_nms, jdet.ops.roi_align, jdet.assign.linear_sum_assignment,
+             jdet.boxes.iou, jdet.boxes.giou):
+    assert callable(fn)
+
+
+def test_public_nms_matches_torchvision(rng):
+  b = random_boxes(rng, 200)
+  s = rng.permutation(200).astype(np.float32)
+  keep = np.asarray(jdet.ops.nms(b, s, iou_threshold=0.45, max_output_size=200))
+  ref = torchvision.ops.nms(torch.from_numpy(b), torch.from_numpy(s), 0.45).numpy()
+  np.testing.assert_array_equal(keep[: len(ref)], ref)
+  assert np.all(keep[len(ref):] == -1)
+
+
+def test_build_model_names_the_available_models():
+  with pytest.raises(KeyError, match="unknown model 'no_such_model'; available"):
+    jdet.build_model("no_such_model")
+
+
+def test_detections_empty_is_padding():
+  d = jdet.Detections.empty(2, 5)
+  assert d.boxes.shape == (2, 5, 4) and not np.asarray(d.valid).any()
+  assert np.all(np.asarray(d.labels) == -1)
