@@ -144,6 +144,17 @@ def _call(fn: Callable, kwargs: Mapping[str, Any], where: str, what: str) -> Any
   return fn(**kwargs)
 
 
+
+def _pop_choice(kwargs: dict, key: str, choices: Mapping, where: str, what: str) -> str:
+  """Pops ``kwargs[key]`` and checks it names one of ``choices``; errors name the field."""
+  if key not in kwargs:
+    raise ConfigError(f"config field {where}.{key} is missing (one of {sorted(choices)})")
+  value = kwargs.pop(key)
+  if value not in choices:
+    raise ConfigError(f"config field {where}.{key}: unknown {what} {value!r}; "
+                      f"expected one of {sorted(choices)}")
+  return value
+
 def build_source(data_config: Any, split: str) -> DetectionSource:
   """The source of ``split`` described by ``data_config[split]``.
 
@@ -162,12 +173,7 @@ def build_source(data_config: Any, split: str) -> DetectionSource:
   if not isinstance(section, Mapping):
     raise ConfigError(f"config field {where} must be a dict with a 'kind', got {section!r}")
   kwargs = dict(section)
-  if "kind" not in kwargs:
-    raise ConfigError(f"config field {where}.kind is missing (one of {sorted(SOURCE_KINDS)})")
-  kind = kwargs.pop("kind")
-  if kind not in SOURCE_KINDS:
-    raise ConfigError(f"config field {where}.kind: unknown source kind {kind!r}; "
-                      f"expected one of {sorted(SOURCE_KINDS)}")
+  kind = _pop_choice(kwargs, "kind", SOURCE_KINDS, where, "source kind")
   return _call(SOURCE_KINDS[kind], kwargs, where, f"a {kind!r} source")
 
 
@@ -223,12 +229,7 @@ def build_transforms(data_config: Any, *, train: bool) -> T.Compose:
     A :class:`jdet.data.transforms.Compose` ending with ``PadBoxes(max_boxes)``.
   """
   kwargs = _transforms_section(data_config)
-  if "recipe" not in kwargs:
-    raise ConfigError(f"config field data.transforms.recipe is missing (one of {sorted(RECIPES)})")
-  recipe = kwargs.pop("recipe")
-  if recipe not in RECIPES:
-    raise ConfigError(f"config field data.transforms.recipe: unknown recipe {recipe!r}; "
-                      f"expected one of {sorted(RECIPES)}")
+  recipe = _pop_choice(kwargs, "recipe", RECIPES, "data.transforms", "recipe")
   kwargs.update(train=train, max_boxes=int(_section(data_config, "max_boxes", "data")))
   try:
     return _call(RECIPES[recipe], kwargs, "data.transforms", f"the {recipe!r} recipe")
