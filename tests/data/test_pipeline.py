@@ -120,3 +120,31 @@ def test_num_classes_mismatch_names_both_numbers(source):
 def test_too_small_shard_is_a_clear_error(source):
   with pytest.raises(ValueError, match="fewer than one batch"):
     pipeline.train_batches(source, _train_tf(), batch_size=8, seed=0, shard_index=0, num_shards=2)
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(source, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  it = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=11)
+  for _ in range(2):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = next(it)
+
+  fresh = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=11)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  got = next(fresh)
+  for k in pipeline.BATCH_KEYS:
+    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+
+
+def test_parallel_workers_read_every_image_once_per_epoch(source):
+  it = pipeline.train_batches(source, _eval_tf(), batch_size=2, seed=4, num_workers=2)
+  ids = np.concatenate([next(it)["image_id"] for _ in range(10)])  # two epochs of 10 images
+  counts = np.unique(ids, return_counts=True)
+  assert sorted(counts[0].tolist()) == sorted(int(source[i].image_id) for i in range(len(source)))
+  assert np.all(counts[1] == 2)
