@@ -54,13 +54,35 @@ import ml_collections
 
 from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
+__all__ = ["parse_variant", "data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
            "ssd_augment", "rcnn_augment"]
 
 ConfigDict = ml_collections.ConfigDict
 
 # Number of classes of the datasets the helpers know.
 _NUM_CLASSES = {"shapes": 5, "coco": 80, "voc": 20, "raccoon": 1}
+
+
+def parse_variant(arg: str | None, variants: Sequence[str], *,
+                  default: str) -> tuple[str, dict[str, str]]:
+  """Splits a config argument ``"name[,key=value,...]"`` into the variant and its options.
+
+  ``parse_variant("voc,root=data/VOCdevkit", ("coco", "voc"), default="coco")``
+  gives ``("voc", {"root": "data/VOCdevkit"})``; an empty argument gives
+  ``(default, {})``. An unknown variant or a malformed option raises a
+  ValueError that lists the choices.
+  """
+  parts = [p.strip() for p in (arg or "").split(",")] if arg else []
+  name = parts[0] if parts and "=" not in parts[0] else default
+  options = {}
+  for p in parts[1:] if parts and "=" not in parts[0] else parts:
+    key, sep, value = p.partition("=")
+    if not sep or not key:
+      raise ValueError(f"config option {p!r} is not key=value (in {arg!r})")
+    options[key.strip()] = value.strip()
+  if name not in variants:
+    raise ValueError(f"unknown config variant {name!r}; choose one of {list(variants)}")
+  return name, options
 
 
 def _source(num_classes: int | None, train: dict, val: dict) -> ConfigDict:

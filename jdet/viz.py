@@ -11,6 +11,11 @@ the colour of its class (:func:`class_colour`). The caption (class name, and
 score when given) sits on a filled strip of the same colour just above the
 box, or just inside its top edge when there is no room above.
 
+Precision-recall curves (:func:`plot_pr_curves`) are drawn the same way, as
+an image: axes from 0 to 1 with ticks every 0.2, one polyline per class in its
+class colour, and a legend of class names (and APs) in the lower left, where
+curves of a useful detector seldom go.
+
 Example::
 
   image = viz.draw_boxes(batch["image"][0], batch["boxes"][0], batch["labels"][0],
@@ -28,7 +33,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["class_colour", "to_uint8", "draw_boxes", "image_grid", "save_png"]
+__all__ = ["class_colour", "to_uint8", "draw_boxes", "image_grid", "plot_pr_curves", "save_png"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _GOLDEN = 0.6180339887498949
@@ -187,6 +192,134 @@ def image_grid(images, cols: int, *, gap: int = 2, background: int = 255) -> np.
     top, left = r * (ch + gap), c * (cw + gap)
     grid[top:top + im.shape[0], left:left + im.shape[1]] = im
   return grid
+
+
+def _text_width(text: str, scale: float) -> int:
+  return cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+
+
+def _legend(image: np.ndarray, entries: list[tuple[tuple[int, int, int] | None, str]],
+            box: tuple[int, int, int, int], scale: float) -> None:
+  """Draws ``(colour, text)`` entries in columns inside the lower left of ``box`` (x0, y0, x1, y1).
+
+  Entries that do not fit in 60% of the box's height and its width are
+  summarised by a last entry ``"+N more"``.
+  """
+  x0, y0, x1, y1 = box
+  (_, th), baseline = cv2.getTextSize("Ag", _FONT, scale, 1)
+  pad, swatch, row_h = 6, 18, th + baseline + 4
+  texts = [t for _, t in entries] + [f"+{len(entries)} more"]
+  col_w = swatch + 6 + max(_text_width(t, scale) for t in texts) + pad
+  rows_max = max(1, (int(0.6 * (y1 - y0)) - 2 * pad) // row_h)
+  cols_max = max(1, (x1 - x0 - 16 - pad) // col_w)
+  if len(entries) > rows_max * cols_max:
+    keep = rows_max * cols_max - 1
+    entries = entries[:keep] + [(None, f"+{len(entries) - keep} more")]
+  n_cols = math.ceil(len(entries) / rows_max)
+  n_rows = math.ceil(len(entries) / n_cols)
+  left, bottom = x0 + 8, y1 - 8
+  top = bottom - (n_rows * row_h + 2 * pad)
+  right = left + pad + n_cols * col_w
+  image[top:bottom + 1, left:right + 1] = 255
+  cv2.rectangle(image, (left, top), (right, bottom), (160, 160, 160), 1)
+  for i, (colour, text) in enumerate(entries):  # column by column
+    c, r = divmod(i, n_rows)
+    x, y = left + pad + c * col_w, top + pad + r * row_h
+    middle = y + row_h // 2
+    if colour is not None:
+      image[middle - 2:middle + 2, x:x + swatch] = colour
+    cv2.putText(image, text, (x + swatch + 6, middle + th // 2), _FONT, scale, (0, 0, 0), 1,
+                cv2.LINE_AA)
+
+
+def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str,
+                   size: tuple[int, int] = (480, 640), ap: dict[str, float] | None = None,
+                   class_names: Sequence[str] | None = None) -> np.ndarray:
+  """Draws precision-recall curves, one per class, on white axes from 0 to 1.
+
+  Args:
+    curves: ``{class_name: (recall [N], precision [N])}`` (what the
+      evaluators' ``pr_curves()`` return); points with a NaN are left out.
+    title: written above the axes.
+    size: ``(H, W)`` of the image.
+    ap: optional ``{class_name: AP}``; the legend then reads ``"name 0.523"``.
+    class_names: optional full list of class names, so that a curve takes the
+      colour of its class's label (``class_colour(class_names.index(name))``),
+      as :func:`draw_boxes` does, also when some classes have no curve. By
+      default a curve takes the colour of its position in ``curves``.
+  Returns:
+    ``[H, W, 3]`` uint8 RGB, for :func:`save_png`.
+  """
+  h, w = size
+  out = np.full((h, w, 3), 255, np.uint8)
+  scale = _font_scale((h, w))
+  (tick_w, th), baseline = cv2.getTextSize("0.0", _FONT, scale, 1)
+  line_h = th + baseline
+  # The plot box: room for the title above, tick labels and axis names left and below.
+  x0, y0 = tick_w + line_h + 18, line_h + 14
+  x1, y1 = w - 16, h - 2 * line_h - 16
+  if x1 - x0 < 40 or y1 - y0 < 40:
+    raise ValueError(f"size {size} leaves no room for the axes")
+
+  def to_pixels(recall, precision) -> np.ndarray:  # [N] + [N] -> [N, 2] float
+    r = np.clip(np.asarray(recall, np.float64), 0.0, 1.0)
+    p = np.clip(np.asarray(precision, np.float64), 0.0, 1.0)
+    return np.stack([x0 + r * (x1 - x0), y1 - p * (y1 - y0)], axis=-1)
+
+  ticks = np.arange(6) / 5
+  for v in ticks[1:-1]:  # light grid
+    (gx, gy), = to_pixels([v], [v])
+    out[y0:y1, int(round(gx))] = 225
+    out[int(round(gy)), x0:x1] = 225
+
+  entries = []
+  for k, (name, (recall, precision)) in enumerate(curves.items()):
+    if class_names is not None and name not in class_names:
+      raise ValueError(f"curve {name!r} is not one of the class names")
+    colour = class_colour(list(class_names).index(name) if class_names is not None else k)
+    recall = np.asarray(recall, np.float64).reshape(-1)
+    precision = np.asarray(precision, np.float64).reshape(-1)
+    if recall.shape != precision.shape:
+      raise ValueError(f"{name}: recall {recall.shape} and precision {precision.shape} differ")
+    points = to_pixels(recall, precision)
+    finite = np.isfinite(recall) & np.isfinite(precision)
+    # Runs of finite points; cv2 takes 1/16-pixel vertices with shift=4.
+    for run in np.split(np.arange(len(points)), np.flatnonzero(np.diff(finite.astype(int))) + 1):
+      if finite[run].all() and len(run):
+        vertices = np.round(points[run] * 16).astype(np.int32)
+        cv2.polylines(out, [vertices], False, colour, 2, cv2.LINE_AA, shift=4)
+    text = name
+    if ap is not None and name in ap:
+      text += " nan" if ap[name] is None or math.isnan(ap[name]) else f" {ap[name]:.3f}"
+    entries.append((colour, text))
+
+  black = (0, 0, 0)
+  cv2.rectangle(out, (x0, y0), (x1, y1), black, 1)
+  for v in ticks:
+    (tx, ty), = np.round(to_pixels([v], [v])).astype(int)
+    label = f"{v:.1f}"
+    cv2.line(out, (tx, y1), (tx, y1 + 4), black, 1)
+    cv2.putText(out, label, (tx - _text_width(label, scale) // 2, y1 + 6 + th), _FONT, scale,
+                black, 1, cv2.LINE_AA)
+    cv2.line(out, (x0 - 4, ty), (x0, ty), black, 1)
+    cv2.putText(out, label, (x0 - 6 - _text_width(label, scale), ty + th // 2), _FONT, scale,
+                black, 1, cv2.LINE_AA)
+  name_w = _text_width("recall", scale)
+  cv2.putText(out, "recall", ((x0 + x1 - name_w) // 2, y1 + 10 + 2 * th + baseline), _FONT,
+              scale, black, 1, cv2.LINE_AA)
+  # "precision" written on its own strip, turned a quarter anticlockwise, left of the ticks.
+  name_w = _text_width("precision", scale)
+  strip = np.full((line_h + 2, name_w + 2, 3), 255, np.uint8)
+  cv2.putText(strip, "precision", (1, th + 1), _FONT, scale, black, 1, cv2.LINE_AA)
+  strip = np.rot90(strip)
+  top = max((y0 + y1 - strip.shape[0]) // 2, 0)
+  out[top:top + strip.shape[0], 4:4 + strip.shape[1]] = strip[:h - top]
+  title_w = _text_width(title, scale)
+  cv2.putText(out, title, (max((x0 + x1 - title_w) // 2, 0), y0 - 8 - baseline), _FONT, scale,
+              black, 1, cv2.LINE_AA)
+  if entries:
+    _legend(out, entries, (x0, y0, x1, y1), scale)
+  return out
 
 
 def save_png(path: str | os.PathLike, image) -> str:

@@ -139,3 +139,29 @@ def test_save_png_round_trip(tmp_path):
   path = viz.save_png(tmp_path / "sub" / "x.png", image)
   back = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
   assert np.array_equal(back, image)
+
+
+def test_pr_curves_plot_has_its_size_and_class_coloured_curves_in_place():
+  recall = np.linspace(0, 1, 101)
+  curves = {name: (recall, np.full(101, p)) for name, p in zip(NAMES, (0.75, 0.25, 0.5))}
+  out = viz.plot_pr_curves(curves, title="PR at IoU 0.5", size=(300, 400),
+                           ap={"ellipse": 0.75, "rectangle": 0.25})
+  assert out.shape == (300, 400, 3) and out.dtype == np.uint8
+  right = out[:, 300:]  # the right quarter: curves only, away from the lower-left legend
+  rows = [np.flatnonzero(np.all(right == viz.class_colour(k), axis=-1).any(axis=1))
+          for k in range(3)]
+  assert all(len(r) for r in rows)
+  # Each flat curve is a thin horizontal band, higher in the image for higher
+  # precision, and the axis is linear: precision 0.5 lies midway between 0.75 and 0.25.
+  assert all(np.ptp(r) <= 3 for r in rows)
+  assert rows[0].mean() < rows[2].mean() < rows[1].mean()
+  assert abs(rows[2].mean() - (rows[0].mean() + rows[1].mean()) / 2) <= 1
+
+
+def test_pr_curve_colours_follow_the_class_list():
+  recall = np.linspace(0, 1, 101)
+  out = viz.plot_pr_curves({"triangle": (recall, np.full(101, 0.5))}, title="t",
+                           class_names=NAMES)
+  assert out.shape == (480, 640, 3)
+  assert np.all(out[:, 500:] == viz.class_colour(2), axis=-1).any()
+  assert not np.all(out == viz.class_colour(0), axis=-1).any()

@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from jdet.models.ssd import SSD
+
 # Filled in as detectors land: {"ssd": SSD, "refinedet": RefineDet, ...}.
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: dict[str, Callable[..., nn.Module]] = {"ssd": SSD}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

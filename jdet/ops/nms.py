@@ -45,7 +45,7 @@ from jax import lax
 
 from jdet import boxes as box_lib
 
-__all__ = ["nms", "batched_nms", "soft_nms", "DEFAULT_TILE_SIZE"]
+__all__ = ["nms", "batched_nms", "soft_nms", "multiclass_nms", "DEFAULT_TILE_SIZE"]
 
 # 256 boxes per tile: a [256, 256] IoU block is a good unit of work on a GPU and
 # wastes little on small inputs (TF Model Garden uses 512, MLPerf 256).
@@ -442,3 +442,56 @@ def soft_nms(boxes, scores, labels=None, *, iou_threshold: float = 0.3, sigma: f
   return _soft_nms(boxes, scores, labels, _f32_threshold(iou_threshold),
                    np.float32(sigma if method == "gaussian" else 1.0), np.float32(score_threshold),
                    method=method, max_output_size=int(max_output_size))
+
+
+def multiclass_nms(boxes, scores, *, score_threshold: float, pre_nms_top_k: int,
+                   iou_threshold: float, max_detections: int,
+                   tile_size: int = DEFAULT_TILE_SIZE):
+  """Per-class NMS over class-agnostic boxes (SSD's and RefineDet's post-processing).
+
+  For each class: the boxes scoring ``> score_threshold`` for it, the
+  ``pre_nms_top_k`` best of them, greedy NMS at ``iou_threshold``; then the
+  ``max_detections`` best survivors over all classes. This is torchvision's
+  ``SSD.postprocess_detections`` (its ``topk_candidates`` is ``pre_nms_top_k``,
+  its ``batched_nms`` equals per-class NMS) with fixed shapes: classes run as a
+  batch of ``[pre_nms_top_k]`` NMS problems, so the cost does not grow with the
+  number of candidates that pass the threshold.
+
+  Args:
+    boxes: ``[..., A, 4]`` xyxy, shared by all classes.
+    scores: ``[..., A, C]`` per-class scores (foreground only; no background column).
+    score_threshold: keep scores strictly above it.
+    pre_nms_top_k: candidates per class before NMS.
+    iou_threshold: NMS threshold (suppress when IoU > it).
+    max_detections: K, detections per image.
+  Returns:
+    ``(indices [..., K] int32 into A or -1, scores [..., K] float32 (0 where
+    padded), labels [..., K] int32 class in 0..C-1 (-1 where padded))``, by
+    descending score.
+  """
+  boxes, scores = box_lib.as_f32(boxes), box_lib.as_f32(scores)
+  num_anchors, num_classes = scores.shape[-2], scores.shape[-1]
+  k = min(int(pre_nms_top_k), num_anchors)
+  per_class = jnp.swapaxes(scores, -1, -2)  # [..., C, A]
+  top_scores, top_idx = lax.top_k(per_class, k)  # [..., C, k]
+  top_scores = jnp.where(top_scores > score_threshold, top_scores, -jnp.inf)
+  top_boxes = jnp.take_along_axis(boxes[..., None, :, :], top_idx[..., None], axis=-2)  # [..., C, k, 4]
+  keep = nms(top_boxes, top_scores, iou_threshold=iou_threshold, max_output_size=k,
+             tile_size=min(int(tile_size), max(k, 1)))  # [..., C, k] into k
+  kept_scores = jnp.where(keep >= 0, jnp.take_along_axis(top_scores, jnp.maximum(keep, 0), -1),
+                          -jnp.inf)
+  kept_anchor = jnp.take_along_axis(top_idx, jnp.maximum(keep, 0), -1)  # [..., C, k]
+  flat_scores = kept_scores.reshape(kept_scores.shape[:-2] + (num_classes * k,))
+  flat_anchor = kept_anchor.reshape(flat_scores.shape)
+  n_out = min(int(max_detections), num_classes * k)
+  out_scores, pos = lax.top_k(flat_scores, n_out)  # ties: lower class, then higher score rank
+  valid = jnp.isfinite(out_scores)
+  indices = jnp.where(valid, jnp.take_along_axis(flat_anchor, pos, -1), -1)
+  labels = jnp.where(valid, (pos // k).astype(jnp.int32), -1)
+  out_scores = jnp.where(valid, out_scores, 0.0)
+  if n_out < max_detections:  # fewer candidates than K in all: pad
+    pad = [(0, 0)] * (indices.ndim - 1) + [(0, int(max_detections) - n_out)]
+    indices = jnp.pad(indices, pad, constant_values=-1)
+    labels = jnp.pad(labels, pad, constant_values=-1)
+    out_scores = jnp.pad(out_scores, pad)
+  return indices.astype(jnp.int32), out_scores, labels

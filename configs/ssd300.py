@@ -1,0 +1,125 @@
+"""SSD300 with VGG16 (Liu et al., ECCV 2016).
+
+Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOCdevkit``):
+
+* (none) or ``coco``: the paper's COCO setting: trainval35k ≈ train2017,
+  batch 32, SGD lr 1e-3 (momentum 0.9, weight decay 5e-4) with warm-up,
+  steps at 160k and 200k of 240k iterations; 80 classes, COCO default box
+  sizes. ``root=`` is the COCO folder (default ``data/coco``). Published: 25.1
+  AP on COCO val (the 23.2 of the paper's first version rose with the zoom-out
+  augmentation; torchvision's ``ssd300_vgg16`` reports 25.1). Initialise the
+  backbone from ImageNet weights with ``--config.init.backbone=vgg16.npz``
+  (see ``jdet/convert``).
+
+    python train.py --config configs/ssd300.py:coco,root=data/coco --workdir runs/ssd300_coco
+
+* ``voc``: VOC07+12 trainval, tested on VOC07 test (mAP by the VOC07 11-point
+  metric and COCO AP); batch 32, lr 1e-3, steps at 80k and 100k of 120k; 20
+  classes, VOC default box sizes. ``root=`` is the ``VOCdevkit`` folder.
+  Published: 77.2 mAP (VOC07 test).
+
+* ``shapes``: the CPU quick start: a narrow VGG16 with BatchNorm on 128x128
+  generated shapes (5 classes), trained from scratch. On a 2-core CPU:
+
+    python train.py --config configs/ssd300.py:shapes --workdir runs/ssd_shapes
+    python eval.py  --config configs/ssd300.py:shapes --workdir runs/ssd_shapes
+
+  reaches AP50 >= 0.90 on the shapes validation split (README: the measured
+  time and metrics).
+
+* ``smoke``: a tiny network, a few steps on a few generated images; seconds
+  (used by the tests).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# The paper's SSD300 head layout: ratios per level (each adds a:1 and 1:a boxes).
+ASPECT_RATIOS_300 = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+# Extra levels (mid, out, kernel, stride, padding): conv8_2 .. conv11_2.
+EXTRAS_300 = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
+
+# A narrow VGG16 for 128x128 inputs: maps 16, 8, 4, 2, 1.
+def _narrow(width: int) -> dict:
+  w = width
+  return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w,
+              extras=((4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 2, 1, 0)),
+              aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), steps=None, norm="batch",
+              size_rule=(0.2, 0.9, 0.1))
+
+
+def model(num_classes: int, *, size: int = 300, dataset: str = "coco") -> ml_collections.ConfigDict:
+  """The SSD300 model section for ``dataset`` ("coco" or "voc") default box sizes."""
+  size_rule = {"coco": (0.15, 0.9, 0.07), "voc": (0.2, 0.9, 0.1)}[dataset]
+  return ml_collections.ConfigDict(dict(
+      num_classes=num_classes, image_size=size, extras=EXTRAS_300,
+      aspect_ratios=ASPECT_RATIOS_300, steps=(8, 16, 32, 64, 100, 300), size_rule=size_rule,
+      score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
+
+
+def optim(*, lr: float, milestones, warmup_steps: int = 500) -> ml_collections.ConfigDict:
+  """SGD with momentum 0.9 and weight decay 5e-4, linear warm-up, steps of 0.1."""
+  return ml_collections.ConfigDict(dict(
+      name="sgd", lr=lr, momentum=0.9, nesterov=False, weight_decay=5e-4,
+      decay_bias_and_norm=True, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      schedule="step", warmup_steps=warmup_steps, warmup_factor=0.001,
+      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=()))
+
+
+def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
+          checkpoint_every: int = 5_000) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+      checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,
+      eval_max_images=0))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke"), default="coco")
+  config = ml_collections.ConfigDict()
+  config.model_name = "ssd"
+  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
+  # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
+  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+
+  if variant == "coco":
+    config.model = model(80, dataset="coco")
+    config.data = common.data_config(common.coco_data(options.get("root", "data/coco")),
+                                     common.ssd_augment(300), batch_size=32, eval_batch_size=32,
+                                     num_workers=8)
+    config.optim = optim(lr=1e-3, milestones=(160_000, 200_000))
+    config.train = train(num_steps=240_000)
+  elif variant == "voc":
+    config.model = model(20, dataset="voc")
+    config.data = common.data_config(common.voc_data(options.get("root", "data/VOCdevkit")),
+                                     common.ssd_augment(300), batch_size=32, eval_batch_size=32,
+                                     num_workers=8)
+    config.optim = optim(lr=1e-3, milestones=(80_000, 100_000))
+    config.train = train(num_steps=120_000)
+    config.eval.metrics = ("coco", "voc")
+  elif variant == "shapes":
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=5, image_size=128, **_narrow(16),
+        score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
+    config.data = common.data_config(
+        common.shapes_data(image_size=128, num_train=4096, num_val=256),
+        common.ssd_augment(128), batch_size=16, eval_batch_size=32, max_boxes=16)
+    config.optim = optim(lr=0.05, milestones=(), warmup_steps=100)
+    config.optim.schedule = "cosine"
+    config.optim.min_lr_ratio = 0.01
+    config.train = train(num_steps=2500, log_every=25, eval_every=500, checkpoint_every=500)
+  else:  # smoke
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=5, image_size=64, **_narrow(4), max_detections=20))
+    config.model.extras = ((16, 32, 3, 2, 1), (16, 32, 2, 1, 0))  # maps 8, 4, 2, 1
+    config.model.aspect_ratios = ((2,), (2, 3), (2,), (2,))
+    config.data = common.data_config(
+        common.shapes_data(image_size=64, num_train=16, num_val=8),
+        common.ssd_augment(64), batch_size=4, eval_batch_size=4, max_boxes=8)
+    config.optim = optim(lr=0.01, milestones=(), warmup_steps=2)
+    config.train = train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
+    config.eval.num_draw = 4
+  return config

@@ -1,0 +1,154 @@
+"""VGG16 as SSD and RefineDet use it: dilated fc6/fc7, L2Norm, extra layers.
+
+The network of the SSD paper (Liu et al., ECCV 2016, Fig. 2), in the layout of
+torchvision's ``ssd300_vgg16`` so that its weights convert one to one:
+
+==========  ==========================================  ======  =============
+stage       layers                                      stride  SSD300 output
+==========  ==========================================  ======  =============
+conv1..3    2, 2, 3 convs 3x3 (64, 128, 256), max pools      8  (pool3 uses ceil mode: 75 -> 38)
+conv4       3 convs 3x3 (512)                                8  conv4_3: 38x38x512, L2Norm x 20
+pool4, 5    3 convs 3x3 (512), pool5 3x3 stride 1           16
+fc6, fc7    3x3 dilation 6 (1024), 1x1 (1024)               16  fc7: 19x19x1024
+extras      per level: 1x1 (mid) then 3x3 (out)             ...  10, 5, 3, 1
+==========  ==========================================  ======  =============
+
+An extra level is ``(mid_channels, out_channels, kernel, stride, padding)``:
+:data:`SSD300_EXTRAS` (conv8_2 .. conv11_2) and :data:`SSD512_EXTRAS`
+(conv8_2 .. conv12_2, as the original Caffe model). Narrower or shorter
+networks for tests and the CPU quick start come from ``widths``, ``fc_width``
+and ``extras``.
+
+Convolutions are written with explicit symmetric padding (as PyTorch's
+``padding=``), never ``"SAME"``, so stride-2 layers see the same pixels as
+in the reference implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = ["L2Norm", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "conv_kernel_init"]
+
+# (mid_channels, out_channels, kernel, stride, padding) of each extra level.
+SSD300_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
+SSD512_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1),
+                 (128, 256, 4, 1, 1))
+
+# Convolutions per VGG16 stage.
+_STAGE_DEPTHS = (2, 2, 3, 3, 3)
+
+# Xavier-uniform weights and zero biases, as torchvision initialises SSD's new layers.
+conv_kernel_init = nn.initializers.xavier_uniform()
+
+
+def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, dilation: int = 1,
+          dtype: Any, name: str) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 kernel_dilation=(dilation, dilation), dtype=dtype, kernel_init=conv_kernel_init,
+                 name=name)
+
+
+def _max_pool(x: jnp.ndarray, *, window: int, stride: int, padding: int = 0,
+              ceil_mode: bool = False) -> jnp.ndarray:
+  """PyTorch's ``MaxPool2d`` (padding with -inf; ceil mode pads the far side)."""
+  pads = []
+  for size in x.shape[1:3]:
+    span = size + 2 * padding - window
+    if ceil_mode:
+      out = -(-span // stride) + 1
+      if (out - 1) * stride >= size + padding:  # PyTorch drops a window starting in the padding
+        out -= 1
+    else:
+      out = span // stride + 1
+    pads.append((padding, (out - 1) * stride + window - size - padding))
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+class L2Norm(nn.Module):
+  """Channel-wise L2 normalisation with a learned per-channel scale (ParseNet).
+
+  ``y = scale * x / max(||x||_2, eps)`` over the channel axis; ``scale``
+  starts at ``init_scale`` (20 for SSD's conv4_3, 10 and 8 in RefineDet).
+  """
+
+  init_scale: float = 20.0
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = self.param("scale", nn.initializers.constant(self.init_scale), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, self.eps) * scale).astype(x.dtype)
+
+
+class VGG16(nn.Module):
+  """SSD's VGG16 feature extractor: returns the source feature maps.
+
+  Attributes:
+    widths: channels of the five VGG stages (64, 128, 256, 512, 512).
+    fc_width: channels of fc6 and fc7 (1024).
+    fc6_dilation: fc6's dilation (6; its padding equals it).
+    extras: the extra levels after fc7, ``(mid, out, kernel, stride, padding)``.
+    l2norm_scale: initial scale of the L2Norm on conv4_3.
+    norm: ``"none"`` (the paper's VGG16) or ``"batch"``: BatchNorm after every
+      convolution (torchvision's ``vgg16_bn`` layout), which trains from
+      scratch much faster; used by the small CPU variants.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+  """
+
+  widths: Sequence[int] = (64, 128, 256, 512, 512)
+  fc_width: int = 1024
+  fc6_dilation: int = 6
+  extras: Sequence[Sequence[int]] = SSD300_EXTRAS
+  l2norm_scale: float = 20.0
+  norm: str = "none"
+  dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> tuple[int, ...]:
+    """Channels of each returned feature map."""
+    return (self.widths[3], self.fc_width) + tuple(e[1] for e in self.extras)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> list[jnp.ndarray]:
+    """``x: [B, H, W, 3]`` normalised image -> ``[conv4_3 (L2-normalised), fc7, extras...]``,
+    each ``[B, h, w, c]``. ``train`` updates BatchNorm statistics (``norm="batch"``)."""
+    if self.norm not in ("none", "batch"):
+      raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
+
+    def conv(features, kernel, name, **kw):
+      layer = _conv(features, kernel, dtype=self.dtype, name=name, **kw)
+      if self.norm == "none":
+        return lambda y: nn.relu(layer(y))
+      bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=self.dtype, name=f"{name}_bn")
+      return lambda y: nn.relu(bn(layer(y)))
+
+    x = x.astype(self.dtype)
+    outputs = []
+    for stage, (depth, width) in enumerate(zip(_STAGE_DEPTHS, self.widths), start=1):
+      for i in range(1, depth + 1):
+        x = conv(width, 3, f"conv{stage}_{i}", padding=1)(x)
+      if stage == 4:
+        outputs.append(L2Norm(self.l2norm_scale, name="conv4_3_norm")(x))
+      if stage < 5:  # pool1..pool4: 2x2 stride 2; pool3 in ceil mode (75 -> 38 in SSD300)
+        x = _max_pool(x, window=2, stride=2, ceil_mode=stage == 3)
+      else:  # pool5: 3x3 stride 1 keeps the resolution for the dilated fc6
+        x = _max_pool(x, window=3, stride=1, padding=1)
+    d = self.fc6_dilation
+    x = conv(self.fc_width, 3, "fc6", padding=d, dilation=d)(x)
+    x = conv(self.fc_width, 1, "fc7")(x)
+    outputs.append(x)
+    for level, (mid, out, kernel, stride, padding) in enumerate(self.extras):
+      n = level + 8  # conv8_1, conv8_2, conv9_1, ...
+      x = conv(mid, 1, f"conv{n}_1")(x)
+      x = conv(out, kernel, f"conv{n}_2", stride=stride, padding=padding)(x)
+      outputs.append(x)
+    return outputs

@@ -1,0 +1,285 @@
+"""The training loop behind ``train.py``: one function, in sections.
+
+:func:`train_and_evaluate` reads a config (see ``configs/``) and runs:
+
+1. **Devices**: one mesh over all devices (``data`` axis); each process
+   reads ``batch_size / process_count`` images per step; parameters are
+   replicated, batches sharded.
+2. **Data**: the grain training iterator of ``config.data`` (its position is
+   checkpointed).
+3. **Model and optimiser**: ``jdet.build_model(config.model_name,
+   **config.model)``, initial weights from ``config.init``, the optax
+   optimiser of ``config.optim``.
+4. **Resume**: the latest checkpoint in ``workdir/checkpoints``, if any
+   (state, RNG, data position); the metrics log is cut back to that step.
+5. **Loop**: one jitted update that donates its state. Every ``log_every``
+   steps the metrics go to ``workdir/metrics.jsonl`` and TensorBoard; every
+   ``eval_every`` steps the model is evaluated (COCO AP) and every
+   ``checkpoint_every`` steps a checkpoint is saved asynchronously (with the
+   AP, so the best one is kept). SIGTERM / SIGINT save a checkpoint and stop
+   cleanly. A non-finite loss stops the run with :class:`NonFiniteLossError`
+   naming the step and the loss terms; the update of that step is skipped on
+   the device, and no checkpoint is written after it, so the last checkpoint
+   is the last good state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jdet import optim, parallel
+from jdet.checkpoint import Checkpointer, StopRequest
+from jdet.data import builder, pipeline
+from jdet.evaluation import loop as eval_loop
+from jdet.metrics import MetricWriter, ProgressBar
+from jdet.models import build_model
+from jdet.train_state import TrainState
+
+__all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "init_state",
+           "load_initial_weights", "TrainResult"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and the terms."""
+
+
+class TrainResult(dict):
+  """What :func:`train_and_evaluate` returns: ``step``, ``state``, ``eval`` (last
+  evaluation metrics), ``stopped`` (True if a signal ended the run early)."""
+
+
+# ----------------------------------------------------------------------------
+# Pieces, usable on their own (tests, notebooks).
+# ----------------------------------------------------------------------------
+
+
+def _model_variables(model, batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+  """``model.init`` on one image of ``batch`` (shapes only matter)."""
+  image = jnp.asarray(batch["image"][:1])
+  return jax.jit(lambda key: model.init(key, image))(jax.random.key(seed))
+
+
+def load_initial_weights(params: Any, init_config: Any) -> Any:
+  """Applies ``config.init``: ``backbone`` (ImageNet weights for the backbone) or
+  ``weights`` (a whole converted model), each a path to a torch state dict
+  (``.pth``, read with ``weights_only=True``), ``.safetensors`` or ``.npz``."""
+  backbone = getattr(init_config, "backbone", "") if init_config is not None else ""
+  weights = getattr(init_config, "weights", "") if init_config is not None else ""
+  if not backbone and not weights:
+    return params
+  from jdet import convert  # torch is only needed for .pth files
+  if weights:
+    params = convert.load_model_params(weights, params)
+  if backbone:
+    params = convert.load_backbone_params(backbone, params)
+  return params
+
+
+def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int):
+  """``(TrainState, schedule)`` at step 0: initial variables, weights from
+  ``config.init``, the optimiser of ``config.optim``."""
+  variables = _model_variables(model, sample_batch, int(config.train.seed))
+  params = load_initial_weights(variables["params"], config.get("init"))
+  tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps)
+  state = TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}), tx=tx,
+                            rng=jax.random.key(int(config.train.seed) + 1))
+  return state, schedule
+
+
+def make_train_step(model, schedule: Callable) -> Callable:
+  """``(state, batch) -> (state, metrics)``: one update, skipped if not finite.
+
+  ``metrics`` holds the model's loss terms, ``loss``, ``grad_norm``, ``lr``
+  and ``finite`` (1.0, or 0.0 when the loss or a gradient was not finite:
+  then the returned state is the input state, unchanged).
+  """
+
+  def train_step(state: TrainState, batch):
+    state, key = state.next_rng()
+    mutable = ["batch_stats"] if state.batch_stats else False
+
+    def loss_fn(params):
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      out = model.apply(variables, batch, method="loss", train=True, rngs={"dropout": key},
+                        mutable=mutable)
+      (loss, metrics), updates = out if mutable else (out, {})
+      return loss, (metrics, updates)
+
+    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, batch_stats=updates.get("batch_stats"))
+    # A non-finite step changes nothing but the RNG; the host stops the run when it sees it.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def _check_finite(history: list[tuple[int, dict[str, float]]]) -> None:
+  for step, m in history:
+    if not m.get("finite", 1.0):
+      terms = ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k not in ("finite",))
+      raise NonFiniteLossError(
+          f"non-finite loss at step {step}: {terms}. The update was skipped and nothing was saved "
+          f"after it; the last checkpoint holds the last good state. Lower optim.lr, set "
+          f"optim.clip_norm, or check the input batch.")
+
+
+def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+  keys = [k for k in history[-1][1] if k not in ("finite", "lr")]
+  out = {k: float(np.mean([m[k] for _, m in history])) for k in keys}
+  out["lr"] = float(history[-1][1]["lr"])
+  return out
+
+
+def _eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "VOC07_mAP")
+  return {f"eval/{k}": float(metrics[k]) for k in keys if k in metrics}
+
+
+# ----------------------------------------------------------------------------
+# The program.
+# ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | None = None,
+                       max_steps: int | None = None, progress: bool = True) -> TrainResult:
+  """Trains ``config`` in ``workdir`` (resuming from its last checkpoint).
+
+  Args:
+    config: a config from ``configs/`` (``model_name``, ``model``, ``data``,
+      ``optim``, ``train``, ``init``, ``eval``).
+    workdir: where checkpoints, ``metrics.jsonl``, TensorBoard events go.
+    devices: the devices of the mesh (default: all).
+    max_steps: stop after this many steps of *this* call (the schedule still
+      spans ``config.train.num_steps``); for tests of stopping and resuming.
+    progress: show a progress bar on process 0.
+  Returns:
+    A :class:`TrainResult`.
+  """
+  tc = config.train
+  num_steps = int(tc.num_steps)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # --- Devices -----------------------------------------------------------------
+  mesh = parallel.make_mesh(devices)
+  global_batch = int(config.data.batch_size)
+  if global_batch % mesh.size:
+    raise ValueError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices")
+  local_batch = parallel.local_batch_size(global_batch)
+
+  # --- Data --------------------------------------------------------------------
+  source = builder.build_source(config.data, "train")
+  pipeline.check_num_classes(source, int(config.model.num_classes))
+  transform = builder.build_transforms(config.data, train=True)
+  data_iter = pipeline.train_batches(
+      source, transform, batch_size=local_batch, seed=int(config.data.seed),
+      shard_index=jax.process_index(), num_shards=jax.process_count(),
+      num_workers=int(config.data.num_workers))
+
+  # --- Model and optimiser -----------------------------------------------------
+  model = build_model(config.model_name, **config.model)
+  # Shapes for init: one evaluation-transformed image (same input size as training).
+  sample = next(iter(pipeline.eval_batches(source, builder.build_transforms(config.data, train=False),
+                                           batch_size=1)))
+  state, schedule = init_state(model, config, sample, total_steps=num_steps)
+  state = parallel.replicate(state, mesh)
+
+  # --- Resume --------------------------------------------------------------------
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=int(tc.keep_checkpoints),
+                      keep_best=int(tc.keep_best), best_metric="AP")
+  writer = MetricWriter(workdir, enabled=is_main)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state, data_iterator=data_iter)
+    log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+  start = int(state.step)
+  writer.truncate_after(start)
+
+  train_step = jax.jit(make_train_step(model, schedule), donate_argnums=0)
+  predict_fn = eval_loop.make_predict_fn(model, mesh)
+  eval_metrics_cfg = tuple(config.eval.metrics) if "eval" in config else ("coco",)
+
+  def evaluate(state) -> dict[str, Any]:
+    result = eval_loop.evaluate_split(
+        model, state.variables, config.data, mesh=mesh, metrics=eval_metrics_cfg,
+        max_images=int(tc.get("eval_max_images", 0)), predict_fn=predict_fn)
+    return result.metrics
+
+  # --- Loop ----------------------------------------------------------------------
+  end = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
+  bar = ProgressBar(num_steps, initial_step=start, enabled=is_main and progress)
+  history: list[tuple[int, dict]] = []  # per-step device metrics since the last log
+  last_eval: dict[str, Any] = {}
+  stopped = False
+  t_log, n_log = time.time(), 0
+  with mesh_context(mesh), StopRequest() as stop:
+    step = start
+    while step < end:
+      batch = parallel.shard_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      history.append((step, metrics))
+      n_log += 1
+
+      is_last = step == end
+      do_eval = tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps)
+      do_ckpt = (step % int(tc.checkpoint_every) == 0) or is_last or do_eval
+      do_log = step % int(tc.log_every) == 0 or is_last or do_ckpt
+      stop_now = stop.requested_on_any_process()
+      if do_log or stop_now:
+        host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+        history.clear()
+        _check_finite(host)
+        dt = time.time() - t_log
+        scalars = _mean_metrics(host)
+        scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
+        writer.write(step, scalars)
+        bar.update(step, loss=scalars["loss"], img_s=scalars["images_per_s"])
+        t_log, n_log = time.time(), 0
+      if do_eval:
+        last_eval = evaluate(state)
+        if is_main:
+          writer.write(step, _eval_scalars(last_eval))
+          log.info("step %d: AP %.4f AP50 %.4f", step, last_eval.get("AP", float("nan")),
+                   last_eval.get("AP50", float("nan")))
+        t_log = time.time()
+      if do_ckpt or stop_now:
+        ckpt.save(step, state, data_iterator=data_iter,
+                  metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
+      if stop_now:
+        log.warning("stopping at step %d after a signal; checkpoint saved", step)
+        stopped = True
+        break
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped)
+
+
+def _eval_scalars_plain(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(metrics[k]) for k in ("AP", "AP50") if k in metrics}
+
+
+def mesh_context(mesh):
+  """``jax.set_mesh(mesh)`` as a context manager (jax >= 0.7), else the mesh itself."""
+  set_mesh = getattr(jax, "set_mesh", None)
+  return set_mesh(mesh) if set_mesh is not None else mesh
