@@ -45,7 +45,7 @@ from jdet.models import build_model
 from jdet.train_state import TrainState
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "init_state",
-           "load_initial_weights", "TrainResult"]
+           "load_initial_weights", "restore_for_eval", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,41 @@ def load_initial_weights(params: Any, init_config: Any) -> Any:
   return params
 
 
-def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int):
+def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int,
+               load_weights: bool = True):
   """``(TrainState, schedule)`` at step 0: initial variables, weights from
-  ``config.init``, the optimiser of ``config.optim``."""
+  ``config.init`` (if ``load_weights``), the optimiser of ``config.optim``."""
   variables = _model_variables(model, sample_batch, int(config.train.seed))
-  params = load_initial_weights(variables["params"], config.get("init"))
+  params = variables["params"]
+  if load_weights:
+    params = load_initial_weights(params, config.get("init"))
   tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps)
   state = TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}), tx=tx,
                             rng=jax.random.key(int(config.train.seed) + 1))
   return state, schedule
+
+
+def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.ndarray], *,
+                     mesh, step: int | None = None) -> tuple[dict[str, Any], int | None]:
+  """The variables to evaluate: checkpoint ``step`` (default the latest) of
+  ``workdir``; with no checkpoint at all, the weights of ``config.init``
+  (e.g. converted torchvision weights). Returns ``(variables, step or None)``."""
+  state, _ = init_state(model, config, sample_batch, total_steps=int(config.train.num_steps),
+                        load_weights=False)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if step is None and ckpt.latest_step() is None:
+      init = config.get("init")
+      if not (init and (init.get("weights") or init.get("backbone"))):
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
+                                f"to evaluate; train first or pass --config.init.weights=FILE")
+      log.info("no checkpoint in %s: evaluating the weights of config.init", ckpt.directory)
+      state = state.replace(params=load_initial_weights(state.params, init))
+      return parallel.replicate(state.variables, mesh), None
+    state = ckpt.restore(parallel.replicate(state, mesh), step=step)
+    return state.variables, int(state.step)
+  finally:
+    ckpt.close()
 
 
 def make_train_step(model, schedule: Callable) -> Callable:
@@ -119,7 +145,7 @@ def make_train_step(model, schedule: Callable) -> Callable:
       return loss, (metrics, updates)
 
     (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads, batch_stats=updates.get("batch_stats"))
     # A non-finite step changes nothing but the RNG; the host stops the run when it sees it.
@@ -151,7 +177,8 @@ def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, floa
 
 def _eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "VOC07_mAP")
-  return {f"eval/{k}": float(metrics[k]) for k in keys if k in metrics}
+  return {f"eval/{k}": float(metrics[k]) for k in keys
+          if k in metrics and np.isfinite(float(metrics[k]))}
 
 
 # ----------------------------------------------------------------------------

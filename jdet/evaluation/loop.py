@@ -67,12 +67,14 @@ class EvalResult:
       pixels: dicts of ``image [H, W, 3]`` (normalised), ``boxes``, ``scores``,
       ``labels``, ``valid``, ``image_id``.
     class_names: the split's classes.
+    detections: the COCO-format results (process 0, with "coco" metrics).
   """
 
   metrics: dict[str, Any]
   pr_curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
   examples: list[dict[str, np.ndarray]]
   class_names: tuple[str, ...]
+  detections: list[dict[str, Any]] | None = None
 
 
 def make_predict_fn(model, mesh) -> Callable:
@@ -189,4 +191,5 @@ def evaluate_split(model, variables, data_config, *, mesh, split: str = "val",
     out["VOC07_mAP"] = voc["mAP"]
     out["VOC07_per_class"] = voc["per_class"]
     curves["voc"] = evaluators["voc"].pr_curves()
-  return EvalResult(metrics=out, pr_curves=curves, examples=examples, class_names=class_names)
+  return EvalResult(metrics=out, pr_curves=curves, examples=examples, class_names=class_names,
+                    detections=evaluators["coco"].results() if "coco" in evaluators else None)
