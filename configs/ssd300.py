@@ -8,10 +8,17 @@ Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOC
   sizes. ``root=`` is the COCO folder (default ``data/coco``). Published: 25.1
   AP on COCO val (the 23.2 of the paper's first version rose with the zoom-out
   augmentation; torchvision's ``ssd300_vgg16`` reports 25.1). Initialise the
-  backbone from ImageNet weights with ``--config.init.backbone=vgg16.npz``
-  (see ``jdet/convert``).
+  backbone from ImageNet weights with ``--config.init.backbone=vgg16.pth``
+  (a torchvision VGG16 state dict; see ``jdet/convert``).
 
     python train.py --config configs/ssd300.py:coco,root=data/coco --workdir runs/ssd300_coco
+
+  Evaluating torchvision's COCO weights (``ssd300_vgg16_coco-b556d3b4.pth``)
+  needs its default box clamping:
+
+    python eval.py --config configs/ssd300.py:coco,root=data/coco --workdir runs/tv \
+        --config.init.weights=ssd300_vgg16_coco-b556d3b4.pth \
+        --config.model.clamp_default_boxes=True
 
 * ``voc``: VOC07+12 trainval, tested on VOC07 test (mAP by the VOC07 11-point
   metric and COCO AP); batch 32, lr 1e-3, steps at 80k and 100k of 120k; 20
@@ -41,6 +48,12 @@ from configs import common
 ASPECT_RATIOS_300 = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 # Extra levels (mid, out, kernel, stride, padding): conv8_2 .. conv11_2.
 EXTRAS_300 = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
+
+# Pixel normalisation of the Caffe VGG16 weights that SSD starts from (RGB mean
+# in 0..255 units, no scaling): torchvision's ssd300_vgg16 uses the same, so its
+# converted weights evaluate unchanged.
+VGG_MEAN, VGG_STD = (123.0, 117.0, 104.0), (1.0, 1.0, 1.0)
+
 
 # A narrow VGG16 for 128x128 inputs: maps 16, 8, 4, 2, 1.
 def _narrow(width: int) -> dict:
@@ -88,15 +101,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "coco":
     config.model = model(80, dataset="coco")
     config.data = common.data_config(common.coco_data(options.get("root", "data/coco")),
-                                     common.ssd_augment(300), batch_size=32, eval_batch_size=32,
-                                     num_workers=8)
+                                     common.ssd_augment(300, mean=VGG_MEAN, std=VGG_STD),
+                                     batch_size=32, eval_batch_size=32, num_workers=8)
     config.optim = optim(lr=1e-3, milestones=(160_000, 200_000))
     config.train = train(num_steps=240_000)
   elif variant == "voc":
     config.model = model(20, dataset="voc")
     config.data = common.data_config(common.voc_data(options.get("root", "data/VOCdevkit")),
-                                     common.ssd_augment(300), batch_size=32, eval_batch_size=32,
-                                     num_workers=8)
+                                     common.ssd_augment(300, mean=VGG_MEAN, std=VGG_STD),
+                                     batch_size=32, eval_batch_size=32, num_workers=8)
     config.optim = optim(lr=1e-3, milestones=(80_000, 100_000))
     config.train = train(num_steps=120_000)
     config.eval.metrics = ("coco", "voc")
