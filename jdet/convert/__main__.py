@@ -1,0 +1,46 @@
+"""Converts a torchvision checkpoint to a jdet ``.npz`` of params.
+
+  python -m jdet.convert ssd300_vgg16 IN.pth OUT.npz   # the whole detector
+  python -m jdet.convert vgg16 IN.pth OUT.npz          # ImageNet VGG16: conv1_1 .. conv5_3
+
+``IN`` is a state dict (``.pth``/``.pt`` read with ``weights_only=True``,
+``.safetensors`` or ``.npz``). ``OUT`` holds ``/``-joined jdet names
+(``backbone/conv4_3/kernel``), for ``config.init.weights`` (ssd300_vgg16) or
+``config.init.backbone`` (vgg16); loading it needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from jdet import convert
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m jdet.convert",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("architecture", choices=("ssd300_vgg16", "vgg16"))
+  parser.add_argument("input", help="torchvision state dict: .pth, .pt, .safetensors or .npz")
+  parser.add_argument("output", help="the jdet .npz to write")
+  args = parser.parse_args(argv)
+
+  state_dict = convert.read_state_dict(args.input)
+  if args.architecture == "ssd300_vgg16":
+    params = convert.ssd300_vgg16_params(state_dict)
+    note = (f"load into SSD(num_classes={convert.ssd300_vgg16_num_classes(state_dict)}, "
+            "clamp_default_boxes=True, size_rule=(0.15, 0.9, 0.07)) with config.init.weights")
+  else:
+    params = {"backbone": convert.vgg16_backbone_params(state_dict)}
+    note = "load with config.init.backbone (fc6, fc7 and the extra layers stay as initialised)"
+  convert.save_params_npz(args.output, params)
+  flat = convert.flatten_params(params)
+  count = sum(int(np.size(v)) for v in flat.values())
+  print(f"wrote {args.output}: {len(flat)} arrays, {count:,} parameters; {note}")
+
+
+if __name__ == "__main__":
+  main()
