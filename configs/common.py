@@ -193,16 +193,16 @@ def tfds_data(name: str, *, train_split: str = "train", val_split: str = "valida
 def ssd_augment(size: int = 300, *, channel_swap: bool = True,
                 mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD, expand_ratio: float = 4.0,
-                photometric: bool = True) -> ConfigDict:
+                photometric: bool = True, crop: bool = True) -> ConfigDict:
   """The SSD / RefineDet recipe (``jdet.data.transforms.ssd_train_transforms`` & eval).
 
   Training: photometric distortion (``photometric``), zoom out up to
-  ``expand_ratio`` (1: off), min-IoU crop, flip, resize to ``size`` x
-  ``size``, normalise. Evaluation: resize, normalise.
+  ``expand_ratio`` (1: off), min-IoU crop (``crop``), flip, resize to
+  ``size`` x ``size``, normalise. Evaluation: resize, normalise.
   """
   return ConfigDict(dict(recipe="ssd", size=size, channel_swap=channel_swap, mean=tuple(mean),
                          std=tuple(std), expand_ratio=float(expand_ratio),
-                         photometric=bool(photometric)))
+                         photometric=bool(photometric), crop=bool(crop)))
 
 
 def rcnn_augment(scales: Sequence[Sequence[int]] = ((800, 1333),),

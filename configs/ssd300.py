@@ -114,15 +114,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = train(num_steps=120_000)
     config.eval.metrics = ("coco", "voc")
   elif variant == "shapes":
+    # Trained from scratch, so: BatchNorm in the backbone, AdamW, and fc6 without
+    # dilation (its map is 8x8 here). The generator never runs out of images,
+    # so the SSD augmentation (zoom out, crops, colour) is replaced by flips.
     config.model = ml_collections.ConfigDict(dict(
-        num_classes=5, image_size=128, **_narrow(16),
+        num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1,
         score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
     config.data = common.data_config(
-        common.shapes_data(image_size=128, num_train=4096, num_val=256),
-        common.ssd_augment(128), batch_size=16, eval_batch_size=32, max_boxes=16)
-    config.optim = optim(lr=0.05, milestones=(), warmup_steps=100)
-    config.optim.schedule = "cosine"
-    config.optim.min_lr_ratio = 0.01
+        common.shapes_data(image_size=128, num_train=50_000, num_val=256),
+        common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
+        batch_size=16, eval_batch_size=32, max_boxes=16)
+    config.optim = optim(lr=2e-3, milestones=(), warmup_steps=100)
+    config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
+                        clip_norm=10.0)
     config.train = train(num_steps=2500, log_every=25, eval_every=500, checkpoint_every=500)
   else:  # smoke
     config.model = ml_collections.ConfigDict(dict(

@@ -53,11 +53,11 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jdet.convert.torchvision import (ssd300_vgg16_num_classes, ssd300_vgg16_params,
-                                      vgg16_backbone_params)
+from jdet.convert.torchvision import (coco91_to_coco80, ssd300_vgg16_num_classes,
+                                      ssd300_vgg16_params, vgg16_backbone_params)
 
 __all__ = [
-    "read_state_dict", "convert_state_dict", "ssd300_vgg16_params", "ssd300_vgg16_num_classes",
+    "read_state_dict", "convert_state_dict", "coco91_to_coco80", "ssd300_vgg16_params", "ssd300_vgg16_num_classes",
     "vgg16_backbone_params", "load_model_params", "load_backbone_params", "merge_params",
     "save_params_npz", "load_params_npz", "flatten_params", "unflatten_params",
 ]
@@ -252,7 +252,10 @@ def load_model_params(path: str | os.PathLike, params: Mapping) -> dict:
   Returns:
     a new params tree with the file's values.
   """
-  return merge_params(params, _convert_file(path), source=os.fspath(path))
+  converted = _convert_file(path)
+  # torchvision's COCO heads score 91 category ids; an 80-class model takes its 80 + background.
+  converted = coco91_to_coco80(converted, params)
+  return merge_params(params, converted, source=os.fspath(path))
 
 
 def load_backbone_params(path: str | os.PathLike, params: Mapping) -> dict:

@@ -52,7 +52,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["ssd300_vgg16_params", "ssd300_vgg16_num_classes", "vgg16_backbone_params",
+__all__ = ["coco91_to_coco80", "ssd300_vgg16_params", "ssd300_vgg16_num_classes", "vgg16_backbone_params",
            "conv_params", "VGG16_FEATURE_INDICES"]
 
 # torchvision VGG16 ``features`` index of each jdet convolution (ReLUs and pools between).
@@ -183,3 +183,29 @@ def vgg16_backbone_params(state_dict: Mapping[str, np.ndarray]) -> dict:
   backbone = {name: r.conv(f"features.{i}") for name, i in VGG16_FEATURE_INDICES.items()}
   r.check_all_used(ignore=("classifier.",))
   return backbone
+
+
+def coco91_to_coco80(params: Mapping, model_params: Mapping) -> dict:
+  """torchvision's 91-way COCO class heads -> jdet's 81-way ones (background + 80).
+
+  torchvision's COCO detectors predict a score for each COCO *category id*
+  (0 = background, 1 .. 90 with 10 unused ids); jdet's COCO source has 80
+  contiguous labels, label ``l`` being category ``COCO_CATEGORY_IDS[l]``. This
+  keeps, per default box, the background column and the columns of the 80
+  category ids, in label order, in every ``head/cls_k`` whose width in
+  ``params`` is ``P * 91`` where ``model_params`` has ``P * 81``. Other
+  parameters are returned unchanged.
+  """
+  from jdet.data.tfds import COCO_CATEGORY_IDS  # the 80 ids, in label order
+  keep = np.asarray((0,) + tuple(COCO_CATEGORY_IDS))
+  head = dict(params.get("head", {}))
+  for name, layer in head.items():
+    target = model_params.get("head", {}).get(name, {}).get("kernel")
+    kernel = np.asarray(layer["kernel"])
+    if (not name.startswith("cls_") or target is None or kernel.shape[-1] % 91
+        or target.shape[-1] != kernel.shape[-1] // 91 * 81):
+      continue
+    p = kernel.shape[-1] // 91
+    cols = (np.arange(p)[:, None] * 91 + keep[None, :]).reshape(-1)  # [P * 81]
+    head[name] = dict(layer, kernel=kernel[..., cols], bias=np.asarray(layer["bias"])[cols])
+  return dict(params, head=head)

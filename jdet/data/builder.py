@@ -184,11 +184,11 @@ def build_source(data_config: Any, split: str) -> DetectionSource:
 
 def _ssd(*, train: bool, max_boxes: int, size: int, channel_swap: bool = True,
          mean: Sequence[float] = T.IMAGENET_MEAN, std: Sequence[float] = T.IMAGENET_STD,
-         expand_ratio: float = 4.0, photometric: bool = True):
+         expand_ratio: float = 4.0, photometric: bool = True, crop: bool = True):
   if train:
     return T.ssd_train_transforms(size, max_boxes=max_boxes, mean=mean, std=std,
                                   channel_swap=channel_swap, expand_ratio=expand_ratio,
-                                  photometric=photometric)
+                                  photometric=photometric, crop=crop)
   return T.ssd_eval_transforms(size, max_boxes=max_boxes, mean=mean, std=std)
 
 

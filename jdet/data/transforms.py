@@ -684,18 +684,21 @@ class PadBoxes(_Repr):
 def ssd_train_transforms(size: int = 300, *, max_boxes: int = 100,
                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                          channel_swap: bool = True, min_size: float = DEFAULT_MIN_SIZE,
-                         expand_ratio: float = 4.0, photometric: bool = True) -> Compose:
+                         expand_ratio: float = 4.0, photometric: bool = True,
+                         crop: bool = True) -> Compose:
   """SSD / RefineDet training: distort, expand, min-IoU crop, flip, resize, normalise, pad boxes.
 
   ``expand_ratio`` is the zoom-out's largest canvas (4 in the paper; 1 or less
-  turns it off) and ``photometric`` the colour distortion; small, easy data
-  (the generated shapes) learns faster with a milder recipe.
+  turns it off), ``photometric`` the colour distortion and ``crop`` the
+  min-IoU crop. Generated data with an unlimited supply of images (the
+  shapes quickstart) learns faster with flips alone.
   """
   steps = [PhotometricDistort(channel_swap=channel_swap)] if photometric else []
   if expand_ratio > 1:
     steps.append(Expand(fill=mean, max_ratio=expand_ratio, min_size=min_size))
+  if crop:
+    steps.append(MinIoURandomCrop(min_size=min_size))
   return Compose(steps + [
-      MinIoURandomCrop(min_size=min_size),
       RandomHFlip(min_size=min_size),
       Resize(size, min_size=min_size),
       Normalize(mean, std),

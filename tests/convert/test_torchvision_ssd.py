@@ -526,3 +526,25 @@ def test_safetensors(tmp_path):
             str(tmp_path / "x.safetensors"))
   got = convert.read_state_dict(tmp_path / "x.safetensors")
   np.testing.assert_array_equal(got["features.0.weight"], np.ones((2, 3, 3, 3), np.float32))
+
+
+def test_coco91_heads_become_background_plus_80_categories():
+  """torchvision's per-category-id columns are picked in jdet's label order."""
+  from jdet.convert import coco91_to_coco80
+  from jdet.data.tfds import COCO_CATEGORY_IDS
+  p = 4  # boxes per location
+  cols = np.arange(p * 91, dtype=np.float32)  # the value of each column is its index
+  params = {"head": {"cls_0": {"kernel": np.broadcast_to(cols, (3, 3, 2, p * 91)).copy(),
+                               "bias": cols.copy()},
+                     "box_0": {"kernel": np.zeros((3, 3, 2, p * 4)), "bias": np.zeros(p * 4)}}}
+  model = {"head": {"cls_0": {"kernel": np.zeros((3, 3, 2, p * 81))},
+                    "box_0": {"kernel": np.zeros((3, 3, 2, p * 4))}}}
+  out = coco91_to_coco80(params, model)
+  bias = out["head"]["cls_0"]["bias"].reshape(p, 81)
+  for box in range(p):
+    assert bias[box, 0] == box * 91  # background
+    # label l of jdet's COCO source is category COCO_CATEGORY_IDS[l]: person 1, ..., toothbrush 90
+    np.testing.assert_array_equal(bias[box, 1:], box * 91 + np.asarray(COCO_CATEGORY_IDS))
+  assert COCO_CATEGORY_IDS[0] == 1 and COCO_CATEGORY_IDS[-1] == 90 and len(COCO_CATEGORY_IDS) == 80
+  np.testing.assert_array_equal(out["head"]["cls_0"]["kernel"][0, 0, 0], out["head"]["cls_0"]["bias"])
+  assert out["head"]["box_0"] is params["head"]["box_0"]
