@@ -16,30 +16,22 @@ A per-class table is printed on the terminal.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from jdet import cli
 from jdet.data import builder
 
-builder.put_configs_on_path()
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory of train.py")
+_CONFIG = cli.define_flags("run directory of train.py")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
 _SPLIT = flags.DEFINE_string("split", "val", "data split to evaluate")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "evaluate only the first N images (0: all)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join other processes (jax.distributed)")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  cli.start(argv)
   import jax
   import numpy as np
 
@@ -50,9 +42,7 @@ def main(argv) -> None:
   from jdet.metrics import ProgressBar
   from jdet.models import build_model
 
-  if _DISTRIBUTED.value:
-    parallel.initialize_distributed()
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = _CONFIG.value, flags.FLAGS.workdir
   mesh = parallel.make_mesh()
   model = build_model(config.model_name, **config.model)
   source = builder.build_source(config.data, _SPLIT.value)

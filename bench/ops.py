@@ -128,6 +128,18 @@ def bench_matching(shapes, batch: int, repeats: int) -> list[dict]:
   return rows
 
 
+def machine_info(torch_device) -> dict:
+  """The machine and library versions, recorded with every result."""
+  jdev = jax.devices()[0]
+  return {
+      "jax_device": f"{jdev.platform}: {jdev.device_kind}",
+      "torch_device": torch.cuda.get_device_name() if torch_device.type == "cuda" else "cpu",
+      "cpu": platform.processor() or platform.machine(),
+      "cpu_threads": torch.get_num_threads(),
+      "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="small inputs, for a quick check")
@@ -136,14 +148,7 @@ def main() -> None:
   args = parser.parse_args()
 
   tdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  jdev = jax.devices()[0]
-  machine = {
-      "jax_device": f"{jdev.platform}: {jdev.device_kind}",
-      "torch_device": torch.cuda.get_device_name() if tdev.type == "cuda" else "cpu",
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_threads": torch.get_num_threads(),
-      "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-  }
+  machine = machine_info(tdev)
   print("machine:", json.dumps(machine))
 
   if args.small:

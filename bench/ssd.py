@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import jax
@@ -60,7 +59,7 @@ import torchvision
 from jdet import convert
 from jdet.models.ssd import SSD
 from jdet.testing import random_boxes
-from ops import _jax_sync, _median_time, _torch_sync  # bench/ops.py: the shared timing helpers
+from ops import _jax_sync, _median_time, _torch_sync, machine_info  # bench/ops.py: shared helpers
 
 SIZE = 300
 TV_CLASSES = 91  # COCO in torchvision: 90 categories and the background
@@ -242,14 +241,7 @@ def main() -> None:
   infer_batches = args.batches or args.infer_batches
 
   device = torch.device(args.device)
-  jdev = jax.devices()[0]
-  machine = {
-      "jax_device": f"{jdev.platform}: {jdev.device_kind}",
-      "torch_device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_threads": torch.get_num_threads(),
-      "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-  }
+  machine = machine_info(device)
   tv, model, params = build_models(args.dtype, device, args.background_shift)
   settings = dict(dtype=args.dtype, iters=args.iters, warmup=args.warmup, image_size=SIZE,
                   boxes_per_image=BOXES_PER_IMAGE, num_classes=TV_CLASSES - 1,

@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = common.data_config(
         common.shapes_data(image_size=128, num_train=50_000, num_val=256),
         common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
-        batch_size=16, eval_batch_size=32, max_boxes=16)
+        batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
     config.optim = optim(lr=2e-3, milestones=(), warmup_steps=100)
     config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
                         clip_norm=10.0)

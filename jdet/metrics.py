@@ -183,6 +183,9 @@ class MetricWriter:
     now = time.time()
     self._jsonl.write(json.dumps({"step": int(step), "time": now, **values}) + "\n")
     self._events.write(_record(encode_event(now, int(step), scalars=values)))
+    # Flushed every call: a live monitor sees each line, and a killed run loses none.
+    self._jsonl.flush()
+    self._events.flush()
 
   def truncate_after(self, step: int) -> None:
     """Forgets what was logged after ``step`` (call it when resuming from ``step``).

@@ -235,7 +235,14 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
                       keep_best=int(tc.keep_best), best_metric="AP")
   writer = MetricWriter(workdir, enabled=is_main)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, data_iterator=data_iter)
+    try:
+      state = ckpt.restore(state, data_iterator=data_iter)
+    except (KeyError, ValueError, TypeError) as e:
+      raise RuntimeError(
+          f"cannot resume from checkpoint {ckpt.latest_step()} in {ckpt.directory}: its saved "
+          f"state does not fit this run ({type(e).__name__}: {e}). The model, optimiser and "
+          f"input pipeline must match the run that saved it; data.num_workers in particular "
+          f"must stay the same across a resume. Use a new --workdir to start afresh.") from e
     log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
   writer.truncate_after(start)
@@ -257,48 +264,51 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   last_eval: dict[str, Any] = {}
   stopped = False
   t_log, n_log = time.time(), 0
-  with mesh_context(mesh), StopRequest() as stop:
-    step = start
-    while step < end:
-      batch = parallel.shard_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      history.append((step, metrics))
-      n_log += 1
+  try:
+    with mesh_context(mesh), StopRequest() as stop:
+      step = start
+      while step < end:
+        batch = parallel.shard_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        history.append((step, metrics))
+        n_log += 1
 
-      is_last = step == end
-      do_eval = tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps)
-      do_ckpt = (step % int(tc.checkpoint_every) == 0) or is_last or do_eval
-      do_log = step % int(tc.log_every) == 0 or is_last or do_ckpt
-      stop_now = stop.requested_on_any_process()
-      if do_log or stop_now:
-        host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
-        history.clear()
-        _check_finite(host)
-        dt = time.time() - t_log
-        scalars = _mean_metrics(host)
-        scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
-        writer.write(step, scalars)
-        bar.update(step, loss=scalars["loss"], img_s=scalars["images_per_s"])
-        t_log, n_log = time.time(), 0
-      if do_eval:
-        last_eval = evaluate(state)
-        if is_main:
-          writer.write(step, _eval_scalars(last_eval))
-          log.info("step %d: AP %.4f AP50 %.4f", step, last_eval.get("AP", float("nan")),
-                   last_eval.get("AP50", float("nan")))
-        t_log = time.time()
-      if do_ckpt or stop_now:
-        ckpt.save(step, state, data_iterator=data_iter,
-                  metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
-      if stop_now:
-        log.warning("stopping at step %d after a signal; checkpoint saved", step)
-        stopped = True
-        break
-  bar.close()
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+        is_last = step == end
+        do_eval = tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps)
+        do_ckpt = (step % int(tc.checkpoint_every) == 0) or is_last or do_eval
+        do_log = step % int(tc.log_every) == 0 or is_last or do_ckpt
+        stop_now = stop.requested_on_any_process()
+        if do_log or stop_now:
+          host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+          history.clear()
+          _check_finite(host)
+          dt = time.time() - t_log
+          scalars = _mean_metrics(host)
+          scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
+          writer.write(step, scalars)
+          bar.update(step, loss=scalars["loss"], img_s=scalars["images_per_s"])
+          t_log, n_log = time.time(), 0
+        if do_eval:
+          last_eval = evaluate(state)
+          if is_main:
+            writer.write(step, _eval_scalars(last_eval))
+            log.info("step %d: AP %.4f AP50 %.4f", step, last_eval.get("AP", float("nan")),
+                     last_eval.get("AP50", float("nan")))
+          t_log = time.time()
+        if do_ckpt or stop_now:
+          ckpt.save(step, state, data_iterator=data_iter,
+                    metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
+        if stop_now:
+          log.warning("stopping at step %d after a signal; checkpoint saved", step)
+          stopped = True
+          break
+  finally:
+    # Also on errors (a non-finite loss): finish pending saves, flush the logs.
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped)
 
 

@@ -1,0 +1,180 @@
+"""``train.py`` and ``eval.py`` as a user runs them, on the smoke config.
+
+Every program runs as a subprocess from the repository root on the CPU. The
+single-process runs share a persistent compilation cache (exact: it only
+skips compiling a program compiled before), which makes the second and later
+programs several times faster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdet.data import builder
+
+from configs import ssd300 as ssd300_config
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/ssd300.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _env(num_devices: int, cache_dir: str | None) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  return env
+
+
+def _run(program: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, program, "--config", SMOKE, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{program} {args} failed:\n{proc.stderr[-6000:]}"
+  return proc
+
+
+def _jsonl(path) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def _assert_png(path) -> None:
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    image.verify()  # checks the chunks and their CRCs
+  with Image.open(path) as image:
+    image.load()
+    assert image.width > 0 and image.height > 0
+
+
+def test_smoke_train_then_eval(tmp_path, compile_cache):
+  config = ssd300_config.get_config("smoke")
+  env = _env(1, compile_cache)
+  workdir = tmp_path / "run"
+  _run("train.py", "--workdir", str(workdir), env=env)
+
+  num_steps, every = int(config.train.num_steps), int(config.train.checkpoint_every)
+  assert every < num_steps
+  assert _checkpoint_steps(workdir) == list(range(every, num_steps + 1, every))
+  logged = _jsonl(workdir / "metrics.jsonl")
+  assert [m["step"] for m in logged if "loss" in m] == list(range(1, num_steps + 1))
+  train_eval = [m for m in logged if "eval/AP" in m]
+  assert [m["step"] for m in train_eval] == [num_steps]  # eval_every == num_steps
+
+  proc = _run("eval.py", "--workdir", str(workdir), env=env)
+  out = workdir / "eval"
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["step"] == num_steps  # the latest checkpoint
+  for key in ("AP", "AP50", "AP75", "APs", "APm"):
+    assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+  # 64 x 64 images hold no "large" object (area > 96^2 = 9216 > 64^2): APl is undefined.
+  assert metrics["APl"] is None
+  val = builder.build_source(config.data, "val")
+  assert len(val.class_names) == 5
+  assert set(metrics["per_class"]) == set(val.class_names)
+  assert metrics["num_images"] == len(val)
+  # The evaluation inside training saw the same checkpoint and images.
+  np.testing.assert_allclose(metrics["AP"], train_eval[0]["eval/AP"], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(metrics["AP50"], train_eval[0]["eval/AP50"], rtol=1e-9, atol=1e-12)
+  assert "AP" in proc.stdout and "ellipse" in proc.stdout  # the summary and the per-class table
+
+  _assert_png(out / "pr_curves_coco.png")
+  _assert_png(out / "detections.png")
+
+  detections = json.loads((out / "detections.json").read_text())
+  assert detections and len(detections) == metrics["num_detections"]
+  val_ids = {int(val[i].image_id) for i in range(len(val))}
+  category_ids = {val.category_id(k) for k in range(len(val.class_names))}
+  assert {d["image_id"] for d in detections} == val_ids  # every val image, no other
+  assert {d["category_id"] for d in detections} <= category_ids
+  for d in detections:
+    x, y, w, h = d["bbox"]  # COCO format, original pixels of a 64 x 64 image
+    assert 0 <= x and 0 <= y and w >= 0 and h >= 0
+    assert x + w <= 64 + 1e-3 and y + h <= 64 + 1e-3
+    assert 0.0 < d["score"] <= 1.0
+
+  # --step picks an older checkpoint.
+  shutil.move(out, tmp_path / f"eval_{num_steps}")
+  _run("eval.py", "--workdir", str(workdir), f"--step={every}", env=env)
+  older = json.loads((out / "metrics.json").read_text())
+  assert older["step"] == every  # read from the restored state, not from the flag
+  assert json.loads((out / "detections.json").read_text()) != detections
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost(tmp_path, compile_cache):
+  """Two ``train.py`` processes of 2 CPU devices each train one model with batch 4.
+
+  The losses are not compared with a one-process run: each process reads its
+  own shard of the images (``shard_index::num_shards``) shuffled on its own,
+  so the batches differ from those of one process reading all images. Instead:
+  every step is logged once, finite; the evaluation inside training (which
+  gathers detections across the processes) matches ``eval.py`` run on one
+  process on the checkpoint the two processes saved.
+  """
+  config = ssd300_config.get_config("smoke")
+  num_steps = int(config.train.num_steps)
+  workdir = tmp_path / "run"
+  port = _free_port()
+  logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]
+  procs = []
+  try:
+    for i in range(2):
+      cmd = [sys.executable, "train.py", "--config", SMOKE, "--workdir", str(workdir),
+             "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}"]
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2, None), stdout=logs[i],
+                                    stderr=subprocess.STDOUT))
+    deadline = time.time() + 240
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.time()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in logs:
+      f.close()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, (tmp_path / f"process_{i}.log").read_text()[-6000:]
+
+  logged = _jsonl(workdir / "metrics.jsonl")  # written by process 0 only
+  train_lines = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in train_lines] == list(range(1, num_steps + 1))
+  assert all(np.isfinite(m["loss"]) and m["num_pos"] > 0 for m in train_lines)
+  train_eval = [m for m in logged if "eval/AP" in m]
+  assert [m["step"] for m in train_eval] == [num_steps]
+  assert _checkpoint_steps(workdir)[-1] == num_steps
+
+  # One process, one device, restores what two processes saved and evaluates it alike.
+  _run("eval.py", "--workdir", str(workdir), env=_env(1, compile_cache))
+  metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert metrics["step"] == num_steps
+  np.testing.assert_allclose(metrics["AP"], train_eval[0]["eval/AP"], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(metrics["AP50"], train_eval[0]["eval/AP50"], rtol=1e-9, atol=1e-12)
