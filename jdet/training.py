@@ -248,7 +248,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   writer.truncate_after(start)
 
   train_step = jax.jit(make_train_step(model, schedule), donate_argnums=0)
-  predict_fn = eval_loop.make_predict_fn(model, mesh)
+  predict_fn = eval_loop.make_predict_fn(model)
   eval_metrics_cfg = tuple(config.eval.metrics) if "eval" in config else ("coco",)
 
   def evaluate(state) -> dict[str, Any]:

@@ -77,9 +77,9 @@ class EvalResult:
   detections: list[dict[str, Any]] | None = None
 
 
-def make_predict_fn(model, mesh) -> Callable:
-  """A jitted ``(variables, batch) -> Detections`` with replicated variables and a sharded batch."""
-  del mesh  # shardings come from the arguments (replicated variables, sharded batch)
+def make_predict_fn(model) -> Callable:
+  """A jitted ``(variables, batch) -> Detections``; its shardings come from the
+  arguments (replicated variables, a batch sharded by :func:`jdet.parallel.shard_batch`)."""
   return jax.jit(lambda variables, batch: model.apply(variables, batch, method="predict"))
 
 
@@ -143,7 +143,7 @@ def evaluate_split(model, variables, data_config, *, mesh, split: str = "val",
   global_batch = int(data_config.eval_batch_size)
   local_batch = parallel.local_batch_size(global_batch)
   num_batches = math.ceil(len(source) / global_batch)
-  predict_fn = predict_fn or make_predict_fn(model, mesh)
+  predict_fn = predict_fn or make_predict_fn(model)
 
   is_main = jax.process_index() == 0
   class_names = tuple(source.class_names)
