@@ -244,17 +244,39 @@ class SSD(nn.Module):
                     neg_pos_ratio=self.neg_pos_ratio, smooth_l1_beta=self.smooth_l1_beta,
                     image_valid=batch.get("valid"))
 
-  def predict(self, batch) -> Detections:
-    """Detections in original-image pixels, ``max_detections`` per image."""
+  def candidates(self, batch):
+    """Every default box decoded, before NMS: ``(boxes [B, A, 4], scores [B, A, C])``.
+
+    Boxes are in input pixels, clipped to the image; scores are the softmax
+    probabilities of the foreground classes. :meth:`predict` and test-time
+    augmentation (:mod:`jdet.evaluation.tta`) start from here.
+    """
     logits, deltas, anchors = self(batch["image"], train=False)
     scores = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [B, A, C]
     boxes = box_lib.decode(deltas, anchors, stds=self.box_stds)  # [B, A, 4] input pixels
     size = batch.get("image_size")
     boxes = box_lib.clip(boxes, jnp.asarray((self.image_size, self.image_size)) if size is None
                          else size[:, None, :])
+    return boxes, scores
+
+  def predict(self, batch) -> Detections:
+    """Detections in original-image pixels, ``max_detections`` per image."""
+    boxes, scores = self.candidates(batch)
     return decode_detections(boxes, scores, batch, score_threshold=self.score_threshold,
                              pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
                              max_detections=self.max_detections)
+
+  def at_input_size(self, size: int) -> "SSD":
+    """The same detector (same variables) for ``size x size`` input, for
+    multi-scale testing: default boxes keep their sizes in pixels and follow
+    the feature maps' strides, so a larger input finds smaller objects."""
+    if size == self.image_size:
+      return self
+    min_sizes, max_sizes = self.min_sizes, self.max_sizes
+    if min_sizes is None:
+      min_sizes, max_sizes = ssd_sizes(self.image_size, self.num_levels, *self.size_rule)
+    return self.clone(image_size=size, min_sizes=tuple(min_sizes),
+                      max_sizes=None if max_sizes is None else tuple(max_sizes), steps=None)
 
 
 def decode_detections(boxes, scores, batch, *, score_threshold: float, pre_nms_top_k: int,
