@@ -11,6 +11,12 @@ config's validation split and writes to ``WORKDIR/eval/``:
 * ``detections.png``: a grid of evaluation images with their detections.
 
 A per-class table is printed on the terminal.
+
+``--tta`` evaluates with test-time augmentation (single-stage detectors:
+several input sizes and flips, merged by NMS or box voting; see
+:mod:`jdet.evaluation.tta`), set by the config's ``tta`` section
+(``--config.tta.merge=vote``) or, without one, by the defaults;
+``metrics.json`` then records the settings under ``tta``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ _CONFIG = cli.define_flags("run directory of train.py")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
 _SPLIT = flags.DEFINE_string("split", "val", "data split to evaluate")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "evaluate only the first N images (0: all)")
+_TTA = flags.DEFINE_bool("tta", False, "test-time augmentation: several scales and flips, merged "
+                         "(config.tta, or jdet.evaluation.tta's defaults)")
 
 
 def main(argv) -> None:
@@ -39,6 +47,7 @@ def main(argv) -> None:
   from jdet.data import pipeline
   from jdet.evaluation import format_per_class_table, json_safe
   from jdet.evaluation import loop as eval_loop
+  from jdet.evaluation import tta
   from jdet.metrics import ProgressBar
   from jdet.models import build_model
 
@@ -61,18 +70,25 @@ def main(argv) -> None:
       bars.append(ProgressBar(n, enabled=jax.process_index() == 0))
     bars[0].update(i)
 
+  data_config, predict_fn, tta_settings = config.data, None, None
+  if _TTA.value:
+    tta_settings = tta.TTASettings.from_config(config.get("tta")).resolve(model)
+    predict_fn = tta.make_tta_predict_fn(model, tta_settings)
+    data_config = tta.tta_data_config(config.data, tta_settings)
+
   t0 = time.time()
   with training.mesh_context(mesh):
     result = eval_loop.evaluate_split(
-        model, variables, config.data, mesh=mesh, split=_SPLIT.value, metrics=metrics_kinds,
-        max_images=_MAX_IMAGES.value, keep_examples=num_draw,
+        model, variables, data_config, mesh=mesh, split=_SPLIT.value, metrics=metrics_kinds,
+        max_images=_MAX_IMAGES.value, keep_examples=num_draw, predict_fn=predict_fn,
         progress=progress)
   for bar in bars:
     bar.close()
   if jax.process_index() != 0:
     return
   metrics = dict(result.metrics, step=step, split=_SPLIT.value,
-                 seconds=round(time.time() - t0, 1))
+                 seconds=round(time.time() - t0, 1),
+                 tta=tta_settings.to_dict() if tta_settings else None)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   summary = metrics.pop("summary", "")
@@ -85,7 +101,8 @@ def main(argv) -> None:
   names = result.class_names
   for kind, curves in result.pr_curves.items():
     per_class = metrics["per_class_AP50"] if kind == "coco" else metrics["VOC07_per_class"]
-    title = f"{config.model_name} step {step}: {kind} precision-recall, IoU 0.5"
+    title = (f"{config.model_name} step {step}{' with TTA' if tta_settings else ''}: {kind} "
+             f"precision-recall, IoU 0.5")
     plot = viz.plot_pr_curves(curves, title=title, ap=per_class, class_names=names)
     viz.save_png(os.path.join(out_dir, f"pr_curves_{kind}.png"), plot)
   mean, std = builder.normalization(config.data)
@@ -97,6 +114,8 @@ def main(argv) -> None:
     cols = int(np.ceil(np.sqrt(len(drawn))))
     viz.save_png(os.path.join(out_dir, "detections.png"), viz.image_grid(drawn, cols))
 
+  if tta_settings:
+    print(f"Test-time augmentation: {tta_settings.describe()}")
   print(summary)
   if "per_class" in metrics:
     print(format_per_class_table(metrics["per_class"], value_name="AP"))
@@ -104,7 +123,8 @@ def main(argv) -> None:
     print(format_per_class_table(metrics["VOC07_per_class"], value_name="VOC07 AP"))
     print(f"VOC07 mAP: {metrics['VOC07_mAP']:.4f}")
   keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics]
-  print("  ".join(f"{k} {metrics[k]:.4f}" for k in keys), f"(step {step}, {out_dir})")
+  print("  ".join(f"{k} {metrics[k]:.4f}" for k in keys),
+        f"(step {step}{', TTA' if tta_settings else ''}, {out_dir})")
 
 
 if __name__ == "__main__":

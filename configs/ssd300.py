@@ -44,6 +44,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from jdet.evaluation import tta
 
 # The paper's SSD300 head layout: ratios per level (each adds a:1 and 1:a boxes).
 ASPECT_RATIOS_300 = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
@@ -54,6 +55,11 @@ EXTRAS_300 = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (12
 # in 0..255 units, no scaling): torchvision's ssd300_vgg16 uses the same, so its
 # converted weights evaluate unchanged.
 VGG_MEAN, VGG_STD = (123.0, 117.0, 104.0), (1.0, 1.0, 1.0)
+
+# eval.py --tta on the 128-pixel shapes: the default scales (0.6x .. 1.8x) with
+# the size ranges (sqrt of box area, original pixels) scaled to its objects:
+# large ones from the shrunk pass, small ones from the enlarged passes.
+SHAPES_TTA_RANGES = ((24, None), (0, None), (0, 96), (0, 80), (0, 64), (0, 48))
 
 
 # A narrow VGG16 for 128x128 inputs: maps 16, 8, 4, 2, 1.
@@ -98,6 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
   # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
   config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  # What eval.py --tta runs (RefineDet's multi-scale and flip recipe; see jdet.evaluation.tta).
+  config.tta = tta.default_settings()
 
   if variant == "coco":
     config.model = model(80, dataset="coco")
@@ -125,6 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         common.shapes_data(image_size=128, num_train=50_000, num_val=256),
         common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
         batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
+    config.tta.size_ranges = SHAPES_TTA_RANGES
     config.optim = optim(lr=2e-3, milestones=(), warmup_steps=100)
     config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
                         clip_norm=10.0)

@@ -70,20 +70,22 @@ def _model_variables(model, batch: dict[str, np.ndarray], seed: int) -> dict[str
   return jax.jit(lambda key: model.init(key, image))(jax.random.key(seed))
 
 
-def load_initial_weights(params: Any, init_config: Any) -> Any:
-  """Applies ``config.init``: ``backbone`` (ImageNet weights for the backbone) or
-  ``weights`` (a whole converted model), each a path to a torch state dict
-  (``.pth``, read with ``weights_only=True``), ``.safetensors`` or ``.npz``."""
+def load_initial_weights(variables: dict[str, Any], init_config: Any) -> dict[str, Any]:
+  """Applies ``config.init`` to the model's ``variables`` (``params`` and
+  ``batch_stats``): ``weights`` (a whole converted model) and then ``backbone``
+  (ImageNet weights for the backbone), each a path to a torch state dict
+  (``.pth``, read with ``weights_only=True``), ``.safetensors`` or ``.npz``.
+  Returns the new variables."""
   backbone = getattr(init_config, "backbone", "") if init_config is not None else ""
   weights = getattr(init_config, "weights", "") if init_config is not None else ""
   if not backbone and not weights:
-    return params
+    return variables
   from jdet import convert  # torch is only needed for .pth files
   if weights:
-    params = convert.load_model_params(weights, params)
+    variables = convert.load_model_variables(weights, variables)
   if backbone:
-    params = convert.load_backbone_params(backbone, params)
-  return params
+    variables = convert.load_backbone_variables(backbone, variables)
+  return variables
 
 
 def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int,
@@ -91,11 +93,10 @@ def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_step
   """``(TrainState, schedule)`` at step 0: initial variables, weights from
   ``config.init`` (if ``load_weights``), the optimiser of ``config.optim``."""
   variables = _model_variables(model, sample_batch, int(config.train.seed))
-  params = variables["params"]
   if load_weights:
-    params = load_initial_weights(params, config.get("init"))
+    variables = load_initial_weights(variables, config.get("init"))
   tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps)
-  state = TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}), tx=tx,
+  state = TrainState.create(params=variables["params"], batch_stats=variables.get("batch_stats", {}), tx=tx,
                             rng=jax.random.key(int(config.train.seed) + 1))
   return state, schedule
 
@@ -115,7 +116,9 @@ def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.nda
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
                                 f"to evaluate; train first or pass --config.init.weights=FILE")
       log.info("no checkpoint in %s: evaluating the weights of config.init", ckpt.directory)
-      state = state.replace(params=load_initial_weights(state.params, init))
+      variables = load_initial_weights(state.variables, init)
+      state = state.replace(params=variables["params"],
+                            batch_stats=variables.get("batch_stats", state.batch_stats))
       return parallel.replicate(state.variables, mesh), None
     state = ckpt.restore(parallel.replicate(state, mesh), step=step)
     return state.variables, int(state.step)

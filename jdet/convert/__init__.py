@@ -31,6 +31,12 @@ Command line (torch needed only here, not where the ``.npz`` is used)::
 then ``--config.init.weights=ssd300.npz`` (the whole model) or
 ``--config.init.backbone=vgg16.npz`` (conv1_1 .. conv5_3) in ``train.py``.
 
+ResNets (``python -m jdet.convert resnet50 resnet50.pth resnet50.npz``) carry
+BatchNorm numbers, which jdet keeps in the ``batch_stats`` collection (frozen
+BatchNorm keeps all four there): they load with :func:`load_backbone_variables`
+into a model's ``{"params", "batch_stats"}``, not with the params-only loaders.
+The conversions are in :mod:`jdet.convert.resnet`.
+
 Converted weights compute what they computed in torchvision only on the input
 they were trained for. torchvision's ``ssd300_vgg16`` (and the
 ``vgg16_features`` backbone it starts from) takes RGB pixels in 0..255 minus
@@ -53,6 +59,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from jdet.convert.resnet import (fpn_params, is_resnet_state_dict, resnet_depth, resnet_params,
+                                 resnet_fpn_backbone_params)
 from jdet.convert.torchvision import (coco91_to_coco80, ssd300_vgg16_num_classes,
                                       ssd300_vgg16_params, vgg16_backbone_params)
 
@@ -60,6 +68,8 @@ __all__ = [
     "read_state_dict", "convert_state_dict", "coco91_to_coco80", "ssd300_vgg16_params", "ssd300_vgg16_num_classes",
     "vgg16_backbone_params", "load_model_params", "load_backbone_params", "merge_params",
     "save_params_npz", "load_params_npz", "flatten_params", "unflatten_params",
+    "resnet_params", "resnet_depth", "fpn_params", "resnet_fpn_backbone_params",
+    "is_resnet_state_dict", "convert_variables", "load_backbone_variables", "load_model_variables",
 ]
 
 _WRAPPERS = ("state_dict", "model")
@@ -184,6 +194,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     return ssd300_vgg16_params(state_dict)
   if any(k.startswith("features.") for k in keys):
     return {"backbone": vgg16_backbone_params(state_dict)}
+  if is_resnet_state_dict(state_dict):
+    raise ValueError("a torchvision ResNet state dict carries BatchNorm numbers, which jdet keeps "
+                     "in the 'batch_stats' collection, not in params: read it with "
+                     "convert_variables / load_backbone_variables")
   raise ValueError(f"unknown state dict layout (keys begin {sorted(keys)[:5]}): expected "
                    "torchvision ssd300_vgg16, torchvision vgg16, or jdet params")
 
@@ -276,3 +290,126 @@ def load_backbone_params(path: str | os.PathLike, params: Mapping) -> dict:
   backbone = merge_params(params["backbone"], converted["backbone"], partial=True,
                           prefix="backbone/", source=os.fspath(path))
   return {**unfreeze(params), "backbone": backbone}
+
+
+# ----------------------------------------------------------------------------
+# Variables (params and batch_stats): ResNet backbones.
+# ----------------------------------------------------------------------------
+
+_COLLECTIONS = ("params", "batch_stats")
+
+
+def convert_variables(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """A flat state dict -> jdet variables ``{"params": ..., "batch_stats": ...}``.
+
+  Recognises torchvision's ImageNet ResNets (``conv1.*``, ``layer1.*``, ...;
+  returned as ``{"params": {"backbone": ...}, "batch_stats": {"backbone": ...}}``
+  in the ``norm="frozen_bn"`` layout of :func:`resnet_params`), jdet ``.npz``
+  names that start with a collection (``params/backbone/conv1/kernel``, as
+  ``python -m jdet.convert resnet50`` writes them), and every layout of
+  :func:`convert_state_dict` (returned as ``{"params": ...}``).
+  """
+  if is_resnet_state_dict(state_dict):
+    norm = "frozen_bn" if "bn1.running_mean" in state_dict else "group"  # GroupNorm: no stats
+    variables = resnet_params(state_dict, norm=norm)
+    return {name: {"backbone": tree} for name, tree in variables.items()}
+  keys = list(state_dict)
+  if keys and all(_SEP in k and k.split(_SEP, 1)[0] in _COLLECTIONS for k in keys):
+    return unflatten_params(state_dict)
+  return {"params": convert_state_dict(state_dict)}
+
+
+def _is_faster_rcnn(state_dict: Mapping[str, np.ndarray]) -> bool:
+  return any(k.startswith("rpn.head.") for k in state_dict) and any(
+      k.startswith("roi_heads.") for k in state_dict)
+
+
+def load_model_variables(path: str | os.PathLike, variables: Mapping) -> dict:
+  """The whole model's variables (``params`` and ``batch_stats``) from a file.
+
+  What :func:`load_model_params` does for ``params`` alone, for every layout
+  :func:`convert_variables` knows and for torchvision's ``fasterrcnn_resnet50_fpn``
+  (its frozen BatchNorm numbers go to ``batch_stats``). COCO's 91-way heads are
+  mapped to an 80-class model's labels. Every variable of the model must be in
+  the file with the same shape, and the file may hold nothing else.
+
+  Args:
+    path: ``.pth`` / ``.pt`` / ``.safetensors`` / ``.npz`` (see :func:`read_state_dict`).
+    variables: the model's variables, e.g. ``model.init(...)``.
+  Returns:
+    a new variables dict (collections the file does not cover are unchanged).
+  """
+  source = os.fspath(path)
+  state_dict = read_state_dict(path)
+  params = variables["params"]
+  if _is_faster_rcnn(state_dict):
+    from jdet.convert.faster_rcnn import fasterrcnn_resnet50_fpn_params
+    try:
+      num_classes = int(params["roi_head"]["cls_score"]["kernel"].shape[-1]) - 1
+    except KeyError as e:
+      raise ValueError(f"{source} is a torchvision Faster R-CNN, but the model has no "
+                       f"roi_head/cls_score (its top-level names: {sorted(params)})") from e
+    converted = fasterrcnn_resnet50_fpn_params(state_dict, num_classes=num_classes)
+  else:
+    converted = convert_variables(state_dict)
+    # torchvision's SSD COCO heads score 91 category ids; an 80-class model takes 80 + background.
+    converted["params"] = coco91_to_coco80(converted["params"], params)
+  out = {c: unfreeze(v) for c, v in variables.items()}
+  for collection, tree in converted.items():
+    if collection not in variables:
+      raise ValueError(f"{source} holds {collection!r} numbers, which the model does not have "
+                       f"(its collections: {sorted(variables)})")
+    out[collection] = merge_params(variables[collection], tree, source=f"{source} ({collection})")
+  return out
+
+
+def load_backbone_variables(path: str | os.PathLike, variables: Mapping, *,
+                            name: str = "backbone") -> dict:
+  """``variables`` with the backbone entries that a file has (e.g. ImageNet ResNet-50).
+
+  What :func:`load_backbone_params` does for ``params`` alone, for all the
+  model's collections (``params``, ``batch_stats``): the file's ``backbone``
+  part (:func:`convert_variables`) replaces ``variables[c][name]`` leaf by
+  leaf. Each leaf goes to the collection where the model has that name, so
+  one converted ResNet loads into every BatchNorm kind: ``norm="frozen_bn"``
+  (all four numbers in ``batch_stats``) and ``norm="batch"`` (scale and bias
+  in ``params``). Entries the file lacks keep their values; a name the model
+  has in no collection, or a shape mismatch, is a ``ValueError``.
+
+  Args:
+    path: ``.pth`` / ``.pt`` / ``.safetensors`` / ``.npz`` (see :func:`read_state_dict`).
+    variables: the model's variables, e.g. ``model.init(...)`` or ``state.variables``.
+    name: the backbone's top-level module name in the model.
+  Returns:
+    a new variables dict (other collections and other modules unchanged).
+  """
+  source = os.fspath(path)
+  converted = convert_variables(read_state_dict(path))
+  file_leaves = {}
+  for collection, tree in converted.items():
+    if name in tree:
+      file_leaves.update(flatten_params(tree[name]))
+  if not file_leaves:
+    raise ValueError(f"{source} has no {name!r} entries (its collections: "
+                     f"{ {c: sorted(t) for c, t in converted.items()} })")
+  model = {c: flatten_params(variables[c][name]) for c in _COLLECTIONS
+           if c in variables and name in variables[c]}
+  if not model:
+    raise ValueError(f"the model has no {name!r} module in {_COLLECTIONS}")
+  placed = {c: {} for c in model}
+  unexpected = []
+  for key, value in file_leaves.items():
+    home = next((c for c in model if key in model[c]), None)
+    if home is None:
+      unexpected.append(f"{name}/{key}")
+    else:
+      placed[home][key] = value
+  if unexpected:
+    raise ValueError(f"cannot load {source} into the model's {name!r}: not in the model's "
+                     f"{sorted(model)} ({len(unexpected)}): {_listing(sorted(unexpected))}")
+  out = {c: unfreeze(v) for c, v in variables.items()}
+  for c, leaves in placed.items():
+    if leaves:
+      out[c] = {**out[c], name: merge_params(variables[c][name], unflatten_params(leaves),
+                                             partial=True, prefix=f"{c}/{name}/", source=source)}
+  return out

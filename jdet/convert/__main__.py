@@ -2,11 +2,15 @@
 
   python -m jdet.convert ssd300_vgg16 IN.pth OUT.npz   # the whole detector
   python -m jdet.convert vgg16 IN.pth OUT.npz          # ImageNet VGG16: conv1_1 .. conv5_3
+  python -m jdet.convert resnet50 IN.pth OUT.npz       # ImageNet ResNet (also resnet18/34/101/152)
 
 ``IN`` is a state dict (``.pth``/``.pt`` read with ``weights_only=True``,
 ``.safetensors`` or ``.npz``). ``OUT`` holds ``/``-joined jdet names
 (``backbone/conv4_3/kernel``), for ``config.init.weights`` (ssd300_vgg16) or
-``config.init.backbone`` (vgg16); loading it needs no torch.
+``config.init.backbone`` (vgg16); loading it needs no torch. A ResNet's names
+start with their collection (``params/backbone/conv1/kernel``,
+``batch_stats/backbone/bn1/mean``): load it with
+:func:`jdet.convert.load_backbone_variables`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from jdet import convert
 
 __all__ = ["main"]
 
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m jdet.convert",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("architecture", choices=("ssd300_vgg16", "vgg16"))
+  parser.add_argument("architecture", choices=("ssd300_vgg16", "vgg16") + _RESNETS)
   parser.add_argument("input", help="torchvision state dict: .pth, .pt, .safetensors or .npz")
   parser.add_argument("output", help="the jdet .npz to write")
   args = parser.parse_args(argv)
@@ -33,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     params = convert.ssd300_vgg16_params(state_dict)
     note = (f"load into SSD(num_classes={convert.ssd300_vgg16_num_classes(state_dict)}, "
             "clamp_default_boxes=True, size_rule=(0.15, 0.9, 0.07)) with config.init.weights")
+  elif args.architecture in _RESNETS:
+    depth = int(args.architecture[len("resnet"):])
+    variables = convert.resnet_params(state_dict, depth=depth)
+    params = {name: {"backbone": tree} for name, tree in variables.items()}
+    note = (f"params and batch_stats of ResNet(depth={depth}, norm='frozen_bn' or 'batch') as "
+            "'backbone'; load with jdet.convert.load_backbone_variables")
   else:
     params = {"backbone": convert.vgg16_backbone_params(state_dict)}
     note = "load with config.init.backbone (fc6, fc7 and the extra layers stay as initialised)"

@@ -12,12 +12,19 @@ detections of ``predict`` batch by batch with :meth:`add`::
 
 Only the images added are evaluated. Values with nothing to measure (no
 ground truth) are NaN; :func:`json_safe` makes them ``null`` for strict JSON.
+
+Test-time augmentation (several scales and flips, one merge) for
+single-stage detectors is :mod:`jdet.evaluation.tta`: :class:`TTASettings`
+and :func:`make_tta_predict_fn`, a ``predict_fn`` for
+:func:`jdet.evaluation.loop.evaluate_split`.
 """
 
 from __future__ import annotations
 
 from jdet.evaluation.coco import CocoEvaluator
 from jdet.evaluation.report import format_per_class_table, json_safe
+from jdet.evaluation.tta import TTASettings, make_tta_predict_fn
 from jdet.evaluation.voc import VocEvaluator, voc_ap
 
-__all__ = ["CocoEvaluator", "VocEvaluator", "voc_ap", "format_per_class_table", "json_safe"]
+__all__ = ["CocoEvaluator", "VocEvaluator", "voc_ap", "format_per_class_table", "json_safe",
+           "TTASettings", "make_tta_predict_fn"]

@@ -10,10 +10,13 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from jdet.models.faster_rcnn import FasterRCNN
+from jdet.models.refinedet import RefineDet
 from jdet.models.ssd import SSD
 
-# Filled in as detectors land: {"ssd": SSD, "refinedet": RefineDet, ...}.
-MODELS: dict[str, Callable[..., nn.Module]] = {"ssd": SSD}
+# Sparse R-CNN joins as "sparse_rcnn" when it lands.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "ssd": SSD, "refinedet": RefineDet, "faster_rcnn": FasterRCNN}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

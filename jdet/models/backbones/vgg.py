@@ -19,6 +19,15 @@ An extra level is ``(mid_channels, out_channels, kernel, stride, padding)``:
 networks for tests and the CPU quick start come from ``widths``, ``fc_width``
 and ``extras``.
 
+RefineDet (Zhang et al., CVPR 2018; the ``VGGNetBody(reduced=True,
+dilated=False)`` of its Caffe code) differs in four ways, each a field:
+pool5 is a 2x2 stride-2 pool (``pool5_stride=2``) so that fc7 has stride 32,
+fc6 is dilated by 3 (``fc6_dilation=3``), conv5_3 is a source too, L2-normalised
+with scale 8 (``conv5_3_l2norm_scale=8``; conv4_3's is 10), and the one extra
+level is called conv6 (``extras_first=6``, :data:`REFINEDET_EXTRAS`). For a
+320x320 input the sources are conv4_3 40x40x512, conv5_3 20x20x512, fc7
+10x10x1024 and conv6_2 5x5x512 (strides 8, 16, 32, 64).
+
 Convolutions are written with explicit symmetric padding (as PyTorch's
 ``padding=``), never ``"SAME"``, so stride-2 layers see the same pixels as
 in the reference implementations.
@@ -31,12 +40,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["L2Norm", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "conv_kernel_init"]
+__all__ = ["L2Norm", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "REFINEDET_EXTRAS",
+           "conv_kernel_init"]
 
 # (mid_channels, out_channels, kernel, stride, padding) of each extra level.
 SSD300_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
 SSD512_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1),
                  (128, 256, 4, 1, 1))
+# RefineDet's conv6_1 (1x1, 256) and conv6_2 (3x3 stride 2, 512).
+REFINEDET_EXTRAS = ((256, 512, 3, 2, 1),)
 
 # Convolutions per VGG16 stage.
 _STAGE_DEPTHS = (2, 2, 3, 3, 3)
@@ -101,6 +113,13 @@ class VGG16(nn.Module):
       convolution (torchvision's ``vgg16_bn`` layout), which trains from
       scratch much faster; used by the small CPU variants.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    pool5_stride: 1 for SSD's pool5 (3x3, stride 1, padding 1: fc7 keeps
+      conv5_3's stride 16) or 2 for RefineDet's (2x2, stride 2, ceil mode as
+      Caffe: fc7 at stride 32).
+    conv5_3_l2norm_scale: if set, conv5_3 is returned too, right after
+      conv4_3, through an L2Norm with this initial scale (RefineDet: 8).
+    extras_first: the number in the first extra level's name (``conv8_1``,
+      ``conv8_2`` in SSD; 6 in RefineDet).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512, 512)
@@ -110,18 +129,26 @@ class VGG16(nn.Module):
   l2norm_scale: float = 20.0
   norm: str = "none"
   dtype: Any = jnp.float32
+  pool5_stride: int = 1
+  conv5_3_l2norm_scale: float | None = None
+  extras_first: int = 8
 
   @property
   def out_channels(self) -> tuple[int, ...]:
     """Channels of each returned feature map."""
-    return (self.widths[3], self.fc_width) + tuple(e[1] for e in self.extras)
+    conv5_3 = () if self.conv5_3_l2norm_scale is None else (self.widths[4],)
+    return (self.widths[3],) + conv5_3 + (self.fc_width,) + tuple(e[1] for e in self.extras)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool = False) -> list[jnp.ndarray]:
     """``x: [B, H, W, 3]`` normalised image -> ``[conv4_3 (L2-normalised), fc7, extras...]``,
-    each ``[B, h, w, c]``. ``train`` updates BatchNorm statistics (``norm="batch"``)."""
+    each ``[B, h, w, c]``, with conv5_3 (L2-normalised) after conv4_3 if
+    ``conv5_3_l2norm_scale`` is set. ``train`` updates BatchNorm statistics
+    (``norm="batch"``)."""
     if self.norm not in ("none", "batch"):
       raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
+    if self.pool5_stride not in (1, 2):
+      raise ValueError(f"pool5_stride must be 1 or 2, got {self.pool5_stride!r}")
 
     def conv(features, kernel, name, **kw):
       layer = _conv(features, kernel, dtype=self.dtype, name=name, **kw)
@@ -138,16 +165,20 @@ class VGG16(nn.Module):
         x = conv(width, 3, f"conv{stage}_{i}", padding=1)(x)
       if stage == 4:
         outputs.append(L2Norm(self.l2norm_scale, name="conv4_3_norm")(x))
+      if stage == 5 and self.conv5_3_l2norm_scale is not None:
+        outputs.append(L2Norm(self.conv5_3_l2norm_scale, name="conv5_3_norm")(x))
       if stage < 5:  # pool1..pool4: 2x2 stride 2; pool3 in ceil mode (75 -> 38 in SSD300)
         x = _max_pool(x, window=2, stride=2, ceil_mode=stage == 3)
-      else:  # pool5: 3x3 stride 1 keeps the resolution for the dilated fc6
+      elif self.pool5_stride == 1:  # pool5: 3x3 stride 1 keeps the resolution for the dilated fc6
         x = _max_pool(x, window=3, stride=1, padding=1)
+      else:  # RefineDet's pool5: 2x2 stride 2, rounding up as Caffe's pooling does
+        x = _max_pool(x, window=2, stride=2, ceil_mode=True)
     d = self.fc6_dilation
     x = conv(self.fc_width, 3, "fc6", padding=d, dilation=d)(x)
     x = conv(self.fc_width, 1, "fc7")(x)
     outputs.append(x)
     for level, (mid, out, kernel, stride, padding) in enumerate(self.extras):
-      n = level + 8  # conv8_1, conv8_2, conv9_1, ...
+      n = level + self.extras_first  # conv8_1, conv8_2, conv9_1, ... (RefineDet: conv6_1, conv6_2)
       x = conv(mid, 1, f"conv{n}_1")(x)
       x = conv(out, kernel, f"conv{n}_2", stride=stride, padding=padding)(x)
       outputs.append(x)

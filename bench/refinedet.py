@@ -1,0 +1,132 @@
+"""RefineDet320/512 throughput next to SSD300/512, all in jdet, on the same machine and inputs.
+
+  python bench/refinedet.py                         # CPU, float32: train 8; infer 1, 8
+  python bench/refinedet.py --models refinedet320,ssd300 --iters 2 --warmup 1
+  python bench/refinedet.py --dtype bfloat16 --train-batches 32 --infer-batches 1,32  # on a GPU
+
+There is no RefineDet in torchvision, so the reference here is jdet's own SSD
+at the matching input size: ``bench/ssd.py`` places SSD300 next to
+torchvision's ``ssd300_vgg16``, and the ratios chain.
+
+Every model is its config's default (the paper's COCO setting: 80 classes,
+VGG16 without BatchNorm) with random weights (seed 0). The input is a batch of
+random images at the model's input size with 3 random ground-truth boxes each.
+
+* training: one SGD step (momentum 0.9, weight decay 5e-4) of the model's loss,
+  forward and backward included, jitted with parameters and optimiser state
+  donated (:func:`bench.ssd.jdet_train`).
+* inference: the model's ``predict`` (post-processing and NMS included),
+  jitted. jdet's post-processing works on fixed shapes, so its cost does not
+  depend on how confident the (random) weights are.
+
+Timing: ``--warmup`` untimed calls (compilation included), then the median of
+``--iters`` calls, each waited for. Results: a table of images per second and
+of each model's speed relative to the SSD of the same resolution class
+(RefineDet320 / SSD300, RefineDet512 / SSD512), written with the machine to
+``bench/results/refinedet_<backend>[_bfloat16].json`` and ``.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jdet.models import build_model
+from jdet.testing import random_boxes
+from ops import machine_info  # bench/ops.py
+from ssd import _batches, jdet_infer, jdet_train  # bench/ssd.py
+
+BOXES_PER_IMAGE = 3
+# Each RefineDet row is compared with the SSD of the same resolution class.
+REFERENCE = {"refinedet320": "ssd300", "refinedet512": "ssd512"}
+
+
+def load_model(name: str, dtype: str):
+  """``(module, params, input side)`` for ``configs/<name>.py``'s default variant."""
+  config = importlib.import_module(f"configs.{name}").get_config()
+  kwargs = dict(config.model)
+  kwargs["dtype"] = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  model = build_model(config.model_name, **kwargs)
+  size = int(config.model.image_size)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(jax.random.key(0))
+  if set(variables) != {"params"}:
+    raise ValueError(f"{name}: the benchmark expects a model with parameters only, "
+                     f"got collections {sorted(variables)}")
+  return model, variables["params"], size, config.model.num_classes
+
+
+def make_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  boxes = np.stack([random_boxes(rng, BOXES_PER_IMAGE, size=size, min_side=0.07 * size,
+                                 max_side=0.66 * size) for _ in range(batch)])
+  return dict(image=jnp.asarray(rng.normal(size=(batch, size, size, 3)).astype(np.float32) * 60),
+              boxes=jnp.asarray(boxes),
+              labels=jnp.asarray(rng.integers(0, num_classes, (batch, BOXES_PER_IMAGE)), jnp.int32),
+              image_size=jnp.full((batch, 2), size, jnp.int32),
+              orig_size=jnp.full((batch, 2), size, jnp.int32),
+              valid=jnp.ones((batch,), bool))
+
+
+def _table(rows: list[dict]) -> str:
+  lines = [f"{'model':<14} {'case':<10} {'batch':>5}  {'img/s':>8}  {'vs SSD':>7}"]
+  for r in rows:
+    ratio = f"{r['vs_ssd']:7.2f}" if r.get("vs_ssd") is not None else f"{'':>7}"
+    lines.append(f"{r['model']:<14} {r['case']:<10} {r['batch']:>5}  {r['img_s']:8.2f}  {ratio}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="ssd300,refinedet320,ssd512,refinedet512",
+                      help="config names under configs/, comma separated")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--iters", type=int, default=5, help="timed calls per case (median)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1)")
+  parser.add_argument("--train-batches", type=_batches, default=[8])
+  parser.add_argument("--infer-batches", type=_batches, default=[1, 8])
+  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  args = parser.parse_args()
+  if args.warmup < 1:
+    parser.error("--warmup must be at least 1 (the first call compiles)")
+
+  backend = jax.default_backend()
+  machine = machine_info(torch.device("cuda" if backend == "gpu" else "cpu"))
+  print("machine:", json.dumps(machine))
+  timing = dict(warmup=args.warmup, iters=args.iters)
+  rows = []
+  for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    model, params, size, num_classes = load_model(name, args.dtype)
+    cases = [("train", b) for b in args.train_batches] + [("inference", b)
+                                                          for b in args.infer_batches]
+    for case, b in cases:
+      batch = make_batch(b, size, num_classes)
+      fn = jdet_train if case == "train" else jdet_infer
+      seconds = fn(model, params, batch, **timing)
+      row = dict(model=name, image_size=size, case=case, batch=b, img_s=b / seconds)
+      ref = next((r for r in rows if r["model"] == REFERENCE.get(name) and r["case"] == case
+                  and r["batch"] == b), None)
+      row["vs_ssd"] = row["img_s"] / ref["img_s"] if ref else None
+      rows.append(row)
+      print(f"{name} {case} batch {b}: {row['img_s']:.2f} img/s", flush=True)
+
+  table = _table(rows)
+  print(table)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = f"refinedet_{backend}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
+  settings = dict(dtype=args.dtype, boxes_per_image=BOXES_PER_IMAGE, **timing)
+  (out / f"{stem}.json").write_text(json.dumps(
+      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
+  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
+                                   f"{json.dumps(settings)}\n{table}\n")
+
+
+if __name__ == "__main__":
+  main()

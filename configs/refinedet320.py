@@ -1,0 +1,129 @@
+"""RefineDet320 with VGG16 (Zhang et al., CVPR 2018).
+
+Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOCdevkit``):
+
+* (none) or ``coco``: the paper's COCO setting (the released
+  ``examples/refinedet/VGG16_COCO_320.py``): trainval35k ≈ train2017, batch
+  32, SGD lr 1e-3 (momentum 0.9, weight decay 5e-4; a 500-step warm-up as in
+  ``configs/ssd300.py``), divided by 10 at 280k and 360k of 400k iterations;
+  80 classes; anchors 32, 64, 128, 256 pixels at strides 8 .. 64. ``root=``
+  is the COCO folder (default ``data/coco``).
+  Published: 29.4 AP on COCO test-dev. Initialise the backbone from ImageNet
+  weights with ``--config.init.backbone=vgg16.pth`` (conv1_1 .. conv5_3; fc6,
+  fc7 and the new layers start at random, while the paper starts fc6/fc7 from
+  the subsampled "reduced" VGG16 fully connected layers).
+
+    python train.py --config configs/refinedet320.py:coco,root=data/coco --workdir runs/rd320_coco
+    python eval.py  --config configs/refinedet320.py:coco,root=data/coco --workdir runs/rd320_coco
+
+* ``voc``: VOC07+12 trainval, tested on VOC07 test (VOC07 11-point mAP and
+  COCO AP); batch 32, lr 1e-3 divided by 10 at 80k and 100k of 120k
+  iterations; 20 classes; up to 500 detections per image, as the Caffe test
+  net keeps. ``root=`` is the ``VOCdevkit`` folder.
+  Published: 80.0 mAP (VOC07 test).
+
+    python train.py --config configs/refinedet320.py:voc,root=data/VOCdevkit --workdir runs/rd320v
+    python eval.py  --config configs/refinedet320.py:voc,root=data/VOCdevkit --workdir runs/rd320v
+
+* ``shapes``: the CPU quick start, with exactly the budget of
+  ``configs/ssd300.py:shapes`` so that the two compare: the same generated
+  data (128x128, 5 classes), the same narrow width-16 VGG16 with BatchNorm
+  (fc6 undilated), AdamW 2e-3 with cosine decay, 100 warm-up steps, clipping
+  at 10, batch 16, 2500 steps, evaluation every 500; TCB of width 64 (with
+  BatchNorm). Anchors are 2 x stride (16 .. 128 pixels on maps 16, 8, 4, 2):
+  the paper's 4 x stride is for 320-pixel inputs, and at 128 pixels half of
+  the shapes are smaller than 32 pixels.
+
+    python train.py --config configs/refinedet320.py:shapes --workdir runs/refinedet_shapes
+    python eval.py  --config configs/refinedet320.py:shapes --workdir runs/refinedet_shapes
+
+* ``smoke``: a tiny network, a few steps on a few generated 64x64 images;
+  seconds (used by the tests).
+
+    python train.py --config configs/refinedet320.py:smoke --workdir /tmp/refinedet_smoke
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common, ssd300
+from jdet.evaluation import tta
+
+# RefineDet's extra level: conv6_1 (1x1, 256) and conv6_2 (3x3 stride 2, 512).
+EXTRAS = ((256, 512, 3, 2, 1),)
+# One anchor size per level (4 x stride) at strides 8, 16, 32, 64, for 320 and 512 inputs.
+ANCHOR_SIZES = (32, 64, 128, 256)
+STEPS = (8, 16, 32, 64)
+
+
+# A narrow VGG16 (the proportions of ssd300's, one extra level) and TCB.
+def _narrow(width: int) -> dict:
+  w = width
+  return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w,
+              extras=((4 * w, 8 * w, 3, 2, 1),), tcb_width=4 * w, norm="batch")
+
+
+def model(num_classes: int, *, size: int = 320) -> ml_collections.ConfigDict:
+  """The RefineDet model section (the Caffe model's settings) for a ``size`` input."""
+  return ml_collections.ConfigDict(dict(
+      num_classes=num_classes, image_size=size, extras=EXTRAS, fc6_dilation=3,
+      l2norm_scales=(10.0, 8.0), tcb_width=256, anchor_sizes=ANCHOR_SIZES, steps=STEPS,
+      aspect_ratios=(2,), filter_threshold=0.99, score_threshold=0.01, pre_nms_top_k=1000,
+      nms_threshold=0.45, max_detections=100))
+
+
+def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.ConfigDict:
+  """The config of ``arg``; ``size`` is the input of the ``coco`` and ``voc`` variants."""
+  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke"), default="coco")
+  config = ml_collections.ConfigDict()
+  config.model_name = "refinedet"
+  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
+  # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
+  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  # What eval.py --tta runs: the paper's multi-scale and flip testing (jdet.evaluation.tta).
+  config.tta = tta.default_settings()
+
+  if variant == "coco":
+    config.model = model(80, size=size)
+    config.data = common.data_config(
+        common.coco_data(options.get("root", "data/coco")),
+        common.ssd_augment(size, mean=ssd300.VGG_MEAN, std=ssd300.VGG_STD),
+        batch_size=32, eval_batch_size=32, num_workers=8)
+    config.optim = ssd300.optim(lr=1e-3, milestones=(280_000, 360_000))
+    config.train = ssd300.train(num_steps=400_000)
+  elif variant == "voc":
+    config.model = model(20, size=size)
+    config.model.max_detections = 500  # the Caffe test net's keep_top_k (COCO AP counts 100)
+    config.data = common.data_config(
+        common.voc_data(options.get("root", "data/VOCdevkit")),
+        common.ssd_augment(size, mean=ssd300.VGG_MEAN, std=ssd300.VGG_STD),
+        batch_size=32, eval_batch_size=32, num_workers=8)
+    config.optim = ssd300.optim(lr=1e-3, milestones=(80_000, 100_000))
+    config.train = ssd300.train(num_steps=120_000)
+    config.eval.metrics = ("coco", "voc")
+  elif variant == "shapes":
+    # ssd300.py:shapes's data, optimiser and schedule, unchanged.
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1, anchor_scale=2.0,
+        score_threshold=0.01, pre_nms_top_k=1000, nms_threshold=0.45, max_detections=100))
+    config.data = common.data_config(
+        common.shapes_data(image_size=128, num_train=50_000, num_val=256),
+        common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
+        batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
+    config.tta.size_ranges = ssd300.SHAPES_TTA_RANGES
+    config.optim = ssd300.optim(lr=2e-3, milestones=(), warmup_steps=100)
+    config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
+                        clip_norm=10.0)
+    config.train = ssd300.train(num_steps=2500, log_every=25, eval_every=500, checkpoint_every=500)
+  else:  # smoke: maps 8, 4, 2, 1
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=5, image_size=64, **_narrow(4), fc6_dilation=1, pre_nms_top_k=100,
+        max_detections=20))
+    config.data = common.data_config(
+        common.shapes_data(image_size=64, num_train=16, num_val=8),
+        common.ssd_augment(64), batch_size=4, eval_batch_size=4, max_boxes=8)
+    config.optim = ssd300.optim(lr=0.01, milestones=(), warmup_steps=2)
+    config.train = ssd300.train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
+    config.eval.num_draw = 4
+  return config
