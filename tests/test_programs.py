@@ -8,6 +8,7 @@ programs several times faster.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -43,8 +44,9 @@ def _env(num_devices: int, cache_dir: str | None) -> dict:
   return env
 
 
-def _run(program: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-  proc = subprocess.run([sys.executable, program, "--config", SMOKE, *args], cwd=REPO, env=env,
+def _run(program: str, *args: str, env: dict, timeout: float = 300,
+         config: str = SMOKE) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, program, "--config", config, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, f"{program} {args} failed:\n{proc.stderr[-6000:]}"
   return proc
@@ -120,6 +122,35 @@ def test_smoke_train_then_eval(tmp_path, compile_cache):
   older = json.loads((out / "metrics.json").read_text())
   assert older["step"] == every  # read from the restored state, not from the flag
   assert json.loads((out / "detections.json").read_text()) != detections
+
+
+@pytest.mark.parametrize("name", ["refinedet320", "faster_rcnn_r50_fpn"])
+def test_other_detectors_smoke_train_then_eval(tmp_path, compile_cache, name):
+  """RefineDet and Faster R-CNN go through the same programs: checkpoints, the
+  periodic evaluation, and eval.py agreeing with it."""
+  config = importlib.import_module(f"configs.{name}").get_config("smoke")
+  env = _env(1, compile_cache)
+  workdir = tmp_path / "run"
+  spec = f"configs/{name}.py:smoke"
+  _run("train.py", "--workdir", str(workdir), env=env, config=spec, timeout=600)
+  num_steps = int(config.train.num_steps)
+  assert _checkpoint_steps(workdir)[-1] == num_steps
+  logged = _jsonl(workdir / "metrics.jsonl")
+  losses = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in losses] == list(range(1, num_steps + 1))
+  assert all(np.isfinite(m["loss"]) for m in losses)
+  train_eval = [m for m in logged if "eval/AP" in m]
+
+  _run("eval.py", "--workdir", str(workdir), env=env, config=spec, timeout=600)
+  metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert metrics["step"] == num_steps
+  np.testing.assert_allclose(metrics["AP"], train_eval[-1]["eval/AP"], rtol=1e-9, atol=1e-12)
+  size = int(config.data.val.image_size)
+  for d in json.loads((workdir / "eval" / "detections.json").read_text()):
+    x, y, w, h = d["bbox"]
+    assert 0 <= x and 0 <= y and w >= 0 and h >= 0
+    assert x + w <= size + 1e-3 and y + h <= size + 1e-3
+  _assert_png(workdir / "eval" / "detections.png")
 
 
 def _free_port() -> int:
