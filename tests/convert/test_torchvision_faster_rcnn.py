@@ -323,6 +323,12 @@ def test_config_init_weights_load_params_and_frozen_batchnorm(tv_model, tmp_path
   want = fasterrcnn_resnet50_fpn_params({k: v.numpy() for k, v in state.items()}, num_classes=80)
   assert sorted(loaded) == sorted(want) == ["batch_stats", "params"]
   jax.tree.map(np.testing.assert_array_equal, loaded, want)
+  # The same through `python -m jdet.convert fasterrcnn_resnet50_fpn ... --num_classes 80`.
+  from jdet.convert.__main__ import main as convert_main
+  convert_main(["fasterrcnn_resnet50_fpn", str(tmp_path / "frcnn.pth"), str(tmp_path / "f.npz"),
+                "--num_classes", "80"])
+  init.weights = str(tmp_path / "f.npz")
+  jax.tree.map(np.testing.assert_array_equal, load_initial_weights(zeros, init), want)
   # The running variance really is the file's (not the zeros the model started from).
   var = state["backbone.body.layer2.0.bn1.running_var"].numpy()
   got = convert.flatten_params(loaded["batch_stats"])
