@@ -50,8 +50,8 @@ import torchvision
 from jdet.convert.faster_rcnn import fasterrcnn_resnet50_fpn_params
 from jdet.models.faster_rcnn import FasterRCNN
 from jdet.testing import random_boxes
-from ops import _jax_sync, _torch_sync, machine_info  # bench/ops.py
-from ssd import _autocast, _time  # bench/ssd.py
+from ops import _jax_sync, machine_info, write_results  # bench/ops.py
+from ssd import _time, torch_infer, torch_train  # bench/ssd.py: torchvision's timed steps
 
 TV_CLASSES = 91
 BOXES_PER_IMAGE = 3
@@ -84,14 +84,6 @@ def jdet_batch(inputs: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
   return dict(image=jnp.asarray(canvas), boxes=jnp.asarray(inputs["boxes"]),
               labels=jnp.asarray(inputs["labels"]), image_size=jnp.full((b, 2), (h, w), jnp.int32),
               orig_size=jnp.full((b, 2), (h, w), jnp.int32), valid=jnp.ones((b,), bool))
-
-
-def torch_batch(inputs: dict[str, np.ndarray], device: torch.device):
-  images = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(device) for x in inputs["images"]]
-  targets = [{"boxes": torch.from_numpy(b).to(device),
-              "labels": torch.from_numpy(l + 1).long().to(device)}
-             for b, l in zip(inputs["boxes"], inputs["labels"])]
-  return images, targets
 
 
 def build_models(size: tuple[int, int], dtype: str, device: torch.device):
@@ -148,36 +140,6 @@ def jdet_infer(model, variables, batch, *, warmup: int, iters: int) -> float:
   return _time(lambda: predict(variables, batch), warmup=warmup, iters=iters, sync=_jax_sync)
 
 
-def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
-  tv.train()
-  _keep_backbone_bn_frozen(tv)
-  opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=LR,
-                        momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  images, targets = torch_batch(inputs, device)
-
-  def call():
-    with _autocast(device, dtype):
-      losses = tv(images, targets)
-    loss = sum(losses.values())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
-
-  return _time(call, warmup=warmup, iters=iters, sync=_torch_sync)
-
-
-def torch_infer(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
-  tv.eval()
-  images, _ = torch_batch(inputs, device)
-
-  def call():
-    with torch.inference_mode(), _autocast(device, dtype):
-      return tv(images)
-
-  return _time(call, warmup=warmup, iters=iters, sync=_torch_sync)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -207,7 +169,8 @@ def main() -> None:
     batch = jdet_batch(inputs)
     if case == "train":
       ours = jdet_train(model, variables, batch, **timing)
-      ref = torch_train(tv, inputs, device=device, dtype=args.dtype, **timing)
+      ref = torch_train(tv, inputs, device=device, dtype=args.dtype, weight_decay=WEIGHT_DECAY,
+                        after_train_mode=_keep_backbone_bn_frozen, **timing)
     else:
       ours = jdet_infer(model, variables, batch, **timing)
       ref = torch_infer(tv, inputs, device=device, dtype=args.dtype, **timing)
@@ -224,13 +187,8 @@ def main() -> None:
                  f"{r['jdet_img_s']:10.2f}  {r['torchvision_img_s']:8.2f}  {r['ratio']:13.2f}")
   table = "\n".join(lines)
   print(table)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = f"faster_rcnn_{args.device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
-  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
-                                   f"{json.dumps(settings)}\n{table}\n")
+  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
 
 
 if __name__ == "__main__":

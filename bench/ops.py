@@ -30,6 +30,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -138,6 +139,17 @@ def machine_info(torch_device) -> dict:
       "cpu_threads": torch.get_num_threads(),
       "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
   }
+
+
+def write_results(folder, stem: str, *, machine: dict, settings: dict, rows: list[dict],
+                  table: str) -> None:
+  """``<folder>/<stem>.json`` (machine, settings, rows) and ``.txt`` (the printed table)."""
+  out = Path(folder)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{stem}.json").write_text(json.dumps(
+      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
+  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
+                                   f"{json.dumps(settings)}\n{table}\n")
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import torch
 
 from jdet.models import build_model
 from jdet.testing import random_boxes
-from ops import machine_info  # bench/ops.py
+from ops import machine_info, write_results  # bench/ops.py
 from ssd import _batches, jdet_infer, jdet_train  # bench/ssd.py
 
 BOXES_PER_IMAGE = 3
@@ -118,14 +118,9 @@ def main() -> None:
 
   table = _table(rows)
   print(table)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = f"refinedet_{backend}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
   settings = dict(dtype=args.dtype, boxes_per_image=BOXES_PER_IMAGE, **timing)
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
-  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
-                                   f"{json.dumps(settings)}\n{table}\n")
+  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ import torchvision
 from jdet import convert
 from jdet.models.ssd import SSD
 from jdet.testing import random_boxes
-from ops import _jax_sync, _median_time, _torch_sync, machine_info  # bench/ops.py: shared helpers
+from ops import _jax_sync, _median_time, _torch_sync, machine_info, write_results  # bench/ops.py: shared helpers
 
 SIZE = 300
 TV_CLASSES = 91  # COCO in torchvision: 90 categories and the background
@@ -177,9 +177,15 @@ def jdet_infer(model, params, batch, *, warmup: int, iters: int) -> float:
   return _time(lambda: predict(params, batch), warmup=warmup, iters=iters, sync=_jax_sync)
 
 
-def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
+def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int,
+                weight_decay: float = WEIGHT_DECAY, after_train_mode=None) -> float:
+  """Median seconds of one SGD step of a torchvision detector's summed losses.
+  ``after_train_mode(tv)`` runs after ``tv.train()`` (e.g. to keep frozen BatchNorm in eval)."""
   tv.train()
-  opt = torch.optim.SGD(tv.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+  if after_train_mode is not None:
+    after_train_mode(tv)
+  opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=LR,
+                        momentum=MOMENTUM, weight_decay=weight_decay)
   images, targets = torch_batch(inputs, device)
 
   def call():
@@ -267,13 +273,8 @@ def main() -> None:
 
   table = _table(rows)
   print(table)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = f"ssd_{args.device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
-  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
-                                   f"{json.dumps(settings)}\n{table}\n")
+  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
         common.shapes_data(image_size=128, num_train=50_000, num_val=256),
         common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
         batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
-    config.tta.size_ranges = ssd300.SHAPES_TTA_RANGES
+    ssd300.shapes_tta(config)
     config.optim = ssd300.optim(lr=2e-3, milestones=(), warmup_steps=100)
     config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
                         clip_norm=10.0)

@@ -389,8 +389,9 @@ class RefineDet(nn.Module):
 
   def at_input_size(self, size: int) -> "RefineDet":
     """The same detector (same variables) for ``size x size`` input, for
-    multi-scale testing: anchors keep their sizes in pixels and follow the
-    feature maps' strides, so a larger input finds smaller objects."""
+    multi-scale testing: anchors keep their sizes in pixels and their strides
+    (``steps``, the network's true strides 8 .. 64 at every input size), so a
+    larger input finds smaller objects."""
     if size == self.image_size:
       return self
-    return self.clone(image_size=size, anchor_sizes=self.level_sizes, steps=None)
+    return self.clone(image_size=size, anchor_sizes=self.level_sizes)

@@ -383,13 +383,16 @@ def test_candidates_at_input_size(smoke, size, maps):
   boxes, scores = jax.eval_shape(lambda v, b: scaled.apply(v, b, method="candidates"),
                                  variables, batch)
   assert boxes.shape == (2, num, 4) and scores.shape == (2, num, NUM_CLASSES)
-  # Anchors keep their sizes in pixels (32 .. 256) and follow the strides size / map.
+  # Anchors keep their sizes in pixels (32 .. 256) and the network's strides (8 .. 64:
+  # cell i of a level covers the input from i * stride, at every input size).
   anchors = scaled.anchors([(m, m) for m in maps])
   first = np.cumsum([0] + [m * m * 3 for m in maps])[:-1]
   for level, (m, start) in enumerate(zip(maps, first)):
-    a = anchors[start]
+    stride = 8 * 2 ** level
+    a, last = anchors[start], anchors[start + m * m * 3 - 1]
     np.testing.assert_allclose(a[2] - a[0], 32 * 2 ** level, rtol=1e-6)
-    np.testing.assert_allclose((a[0] + a[2]) / 2, size / m / 2, rtol=1e-6)
+    np.testing.assert_allclose((a[0] + a[2]) / 2, stride / 2, rtol=1e-6)
+    np.testing.assert_allclose((last[0] + last[2]) / 2, (m - 0.5) * stride, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------
