@@ -81,9 +81,10 @@ def jdet_batch(inputs: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
   ph, pw = -(-h // 64) * 64, -(-w // 64) * 64
   canvas = np.zeros((b, ph, pw, 3), np.float32)
   canvas[:, :h, :w] = images
+  sizes = jnp.tile(jnp.asarray([h, w], jnp.int32), (b, 1))
   return dict(image=jnp.asarray(canvas), boxes=jnp.asarray(inputs["boxes"]),
-              labels=jnp.asarray(inputs["labels"]), image_size=jnp.full((b, 2), (h, w), jnp.int32),
-              orig_size=jnp.full((b, 2), (h, w), jnp.int32), valid=jnp.ones((b,), bool))
+              labels=jnp.asarray(inputs["labels"]), image_size=sizes, orig_size=sizes,
+              valid=jnp.ones((b,), bool))
 
 
 def build_models(size: tuple[int, int], dtype: str, device: torch.device):

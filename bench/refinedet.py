@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -42,6 +43,9 @@ from jdet.models import build_model
 from jdet.testing import random_boxes
 from ops import machine_info, write_results  # bench/ops.py
 from ssd import _batches, jdet_infer, jdet_train  # bench/ssd.py
+
+# configs/ lives at the repository root, next to bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BOXES_PER_IMAGE = 3
 # Each RefineDet row is compared with the SSD of the same resolution class.
