@@ -257,3 +257,13 @@ def data_config(source: ConfigDict, transforms: ConfigDict, *, batch_size: int,
       transforms=transforms, max_boxes=max_boxes, batch_size=batch_size,
       eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
       num_workers=num_workers, seed=seed))
+
+
+def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
+          checkpoint_every: int = 5_000) -> ConfigDict:
+  """The ``train`` section: ``num_steps``, logging, periodic evaluation and
+  checkpoints (the last 2 and the best by AP kept), seed 0."""
+  return ConfigDict(dict(
+      num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+      checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,
+      eval_max_images=0))

@@ -94,12 +94,8 @@ def optim(*, lr: float, milestones, warmup_steps: int = 500) -> ml_collections.C
       milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=()))
 
 
-def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
-          checkpoint_every: int = 5_000) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      num_steps=num_steps, log_every=log_every, eval_every=eval_every,
-      checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,
-      eval_max_images=0))
+# The ``train`` section (steps, logging, evaluation and checkpoint intervals).
+train = common.train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
