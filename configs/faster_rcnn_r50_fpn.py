@@ -34,7 +34,9 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
     python train.py --config configs/faster_rcnn_r50_fpn.py:shapes --workdir runs/frcnn_shapes
     python eval.py  --config configs/faster_rcnn_r50_fpn.py:shapes --workdir runs/frcnn_shapes
 
-  Target: COCO AP >= 0.70 on the shapes validation split (not tuned yet).
+  Reaches AP 0.606 / AP50 0.844 / AP75 0.712 after its 3000 steps (about 27
+  min at 30 images/s on 2 cores); the target, COCO AP >= 0.70, is not
+  reached yet.
 
 * ``smoke``: a tiny network, a few steps on a few 64x64 generated images; seconds
   (used by the tests).
