@@ -108,19 +108,12 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
     config.train = ssd300.train(num_steps=120_000)
     config.eval.metrics = ("coco", "voc")
   elif variant == "shapes":
-    # ssd300.py:shapes's data, optimiser and schedule, unchanged.
+    # ssd300.py:shapes's data, TTA, optimiser and schedule, taken from it unchanged.
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1, anchor_scale=2.0,
         score_threshold=0.01, pre_nms_top_k=1000, nms_threshold=0.45, max_detections=100))
-    config.data = common.data_config(
-        common.shapes_data(image_size=128, num_train=50_000, num_val=256),
-        common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
-        batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
-    ssd300.shapes_tta(config)
-    config.optim = ssd300.optim(lr=2e-3, milestones=(), warmup_steps=100)
-    config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
-                        clip_norm=10.0)
-    config.train = ssd300.train(num_steps=2500, log_every=25, eval_every=500, checkpoint_every=500)
+    ssd = ssd300.get_config("shapes")
+    config.data, config.tta, config.optim, config.train = ssd.data, ssd.tta, ssd.optim, ssd.train
   else:  # smoke: maps 8, 4, 2, 1
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, image_size=64, **_narrow(4), fc6_dilation=1, pre_nms_top_k=100,
