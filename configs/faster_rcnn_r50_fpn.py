@@ -4,7 +4,8 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
 
 * (none) or ``coco``: MMDetection's ``faster-rcnn_r50_fpn_1x`` and torchvision's
   ``fasterrcnn_resnet50_fpn`` recipe: train2017 (images with boxes), shorter
-  side 800 and longer at most 1333, flips, padded to a 1344x1344 canvas; SGD
+  side 800 and longer at most 1333, flips, batches of landscape or of portrait
+  images padded to 832x1344 or 1344x832 (1344x1344 in evaluation); SGD
   with momentum 0.9 and weight decay 1e-4, lr 0.02 for a batch of 16 scaled
   linearly to ``batch=`` (default 16), linear warm-up over 500 steps from
   0.001x, lr x0.1 after epochs 8 and 11 of 12 (7,330 steps per epoch at batch
@@ -54,8 +55,11 @@ from configs import common
 # epoch at batch 16.
 COCO_TRAIN_IMAGES = 117_266
 # The R50-FPN at 800 x 1333: a 1344 x 1344 canvas (a multiple of 64, P6's stride) holds every
-# image in either orientation.
+# image in either orientation; evaluation, which batches images in order, pads to it.
 COCO_CANVAS = (1344, 1344)
+# Training batches hold one orientation (data.group_by_aspect) padded to its bucket: 0.62x
+# the canvas's pixels. Landscape first: a square image fits both and Pad takes the first.
+COCO_BUCKETS = ((832, 1344), (1344, 832))
 
 
 def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
@@ -108,8 +112,9 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, scales, mode: str
   config.model = model(80)
   config.data = common.data_config(
       common.coco_data(options.get("root", "data/coco")),
-      common.rcnn_augment(scales, canvas=COCO_CANVAS, mode=mode, test_scale=(800, 1333)),
-      batch_size=batch, eval_batch_size=batch, num_workers=8)
+      common.rcnn_augment(scales, canvas=COCO_CANVAS, buckets=COCO_BUCKETS, mode=mode,
+                          test_scale=(800, 1333)),
+      batch_size=batch, eval_batch_size=batch, num_workers=8, group_by_aspect=True)
   num_steps, steps = epoch_schedule(batch, epochs, milestones)
   # The linear scaling rule: 0.02 for 16 images per step.
   config.optim = optim(lr=0.02 * batch / 16, milestones=steps,
@@ -140,13 +145,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rpn_post_nms_top_n=(300, 100), representation_size=256, rcnn_num_samples=128,
         score_threshold=0.02)
     config.data = common.data_config(
-        common.shapes_data(image_size=128, num_train=50_000, num_val=256),
+        common.shapes_quickstart_data(options),
         common.rcnn_augment(((128, 128),), canvas=(128, 128)),
         batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
     config.optim = optim(lr=1e-3, milestones=(), warmup_steps=100)
     config.optim.update(name="adamw", weight_decay=1e-4, schedule="cosine", min_lr_ratio=0.01,
                         clip_norm=10.0, decay_bias_and_norm=False)
-    config.train = train(num_steps=3000, log_every=25, eval_every=500, checkpoint_every=500)
+    config.train = train(num_steps=5000, log_every=25, eval_every=500, checkpoint_every=500)
   else:  # smoke
     config.model = model(
         5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch", frozen_stages=-1,

@@ -112,7 +112,7 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1, anchor_scale=2.0,
         score_threshold=0.01, pre_nms_top_k=1000, nms_threshold=0.45, max_detections=100))
-    ssd = ssd300.get_config("shapes")
+    ssd = ssd300.get_config(arg)  # "shapes" with the same options
     config.data, config.tta, config.optim, config.train = ssd.data, ssd.tta, ssd.optim, ssd.train
   else:  # smoke: maps 8, 4, 2, 1
     config.model = ml_collections.ConfigDict(dict(

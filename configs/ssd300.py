@@ -132,7 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1,
         score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
     config.data = common.data_config(
-        common.shapes_data(image_size=128, num_train=50_000, num_val=256),
+        common.shapes_quickstart_data(options),
         common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
         batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
     shapes_tta(config)

@@ -223,7 +223,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   data_iter = pipeline.train_batches(
       source, transform, batch_size=local_batch, seed=int(config.data.seed),
       shard_index=jax.process_index(), num_shards=jax.process_count(),
-      num_workers=int(config.data.num_workers))
+      num_workers=int(config.data.num_workers),
+      group_by_aspect=bool(config.data.get("group_by_aspect", False)))
 
   # --- Model and optimiser -----------------------------------------------------
   model = build_model(config.model_name, **config.model)

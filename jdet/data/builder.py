@@ -24,7 +24,7 @@ import numpy as np
 
 from jdet.data import transforms as T
 from jdet.data.coco import CocoSource
-from jdet.data.records import DetectionSource, Example, SkipLog
+from jdet.data.records import DetectionSource, Example, SkipLog, image_sizes
 from jdet.data.shapes import ShapesSource
 from jdet.data.tfds import TfdsSource
 from jdet.data.voc import VocSource
@@ -81,6 +81,19 @@ class ConcatSource:
 
   def category_id(self, label: int) -> int:
     return self.parts[0].category_id(label)
+
+  def image_sizes(self, indices: Sequence[int] | None = None) -> np.ndarray:
+    """``[n, 2]`` upright ``(h, w)`` at ``indices`` (default all), from each part
+    (:func:`jdet.data.records.image_sizes`: undecoded where the part can)."""
+    idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+    if len(idx) and not (0 <= idx.min() and idx.max() < len(self)):
+      raise IndexError(f"indices out of range for {len(self)} images")
+    part_of = np.searchsorted(self._offsets, idx, side="right") - 1
+    out = np.zeros((len(idx), 2), np.int64)
+    for p in np.unique(part_of).tolist():
+      sel = part_of == p
+      out[sel] = image_sizes(self.parts[p], idx[sel] - int(self._offsets[p]))
+    return out
 
   def coco_ground_truth(self) -> dict:
     """The parts' ground truth merged; annotation ids renumbered; image ids must differ."""
@@ -197,13 +210,16 @@ def _rcnn(*, train: bool, max_boxes: int, scales: Sequence[Sequence[int]],
           buckets: Sequence[Sequence[int]] | None = None, mode: str = "value",
           flip_prob: float = 0.5, mean: Sequence[float] = T.IMAGENET_MEAN,
           std: Sequence[float] = T.IMAGENET_STD):
-  if (canvas is None) == (buckets is None):
-    raise ValueError("give exactly one of canvas and buckets")
+  if canvas is None and buckets is None:
+    raise ValueError("give canvas, buckets, or canvas and buckets (buckets in training, "
+                     "canvas in evaluation)")
   if train:
     return T.rcnn_train_transforms(scales, mode=mode, canvas=canvas, buckets=buckets,
                                    max_boxes=max_boxes, mean=mean, std=std, flip_prob=flip_prob)
-  return T.rcnn_eval_transforms(test_scale, canvas=canvas, buckets=buckets, max_boxes=max_boxes,
-                                mean=mean, std=std)
+  # Evaluation batches images in order, so with both given it pads to the one canvas.
+  return T.rcnn_eval_transforms(test_scale, canvas=canvas,
+                                buckets=buckets if canvas is None else None,
+                                max_boxes=max_boxes, mean=mean, std=std)
 
 
 # recipe -> builder taking train, max_boxes and the transforms config's other fields.
@@ -225,7 +241,10 @@ def build_transforms(data_config: Any, *, train: bool) -> T.Compose:
     data_config: the config's ``data`` section. ``transforms.recipe`` picks the
       recipe (:data:`RECIPES`): ``"ssd"`` (``size``, ``channel_swap``, ``mean``,
       ``std``) or ``"rcnn"`` (``scales``, ``mode``, ``test_scale``, ``canvas``
-      or ``buckets``, ``flip_prob``, ``mean``, ``std``); ``max_boxes`` is M.
+      and/or ``buckets``, ``flip_prob``, ``mean``, ``std``); ``max_boxes`` is M.
+      With both ``canvas`` and ``buckets``, training pads to the buckets (use
+      ``data.group_by_aspect`` so that a batch holds one of them) and
+      evaluation, which batches images in order, to the canvas.
     train: the augmented training transforms, else the evaluation ones.
   Returns:
     A :class:`jdet.data.transforms.Compose` ending with ``PadBoxes(max_boxes)``.

@@ -33,6 +33,12 @@ into the upright image (:func:`jdet.data.images.fit_boxes`: rotated when the
 stored size is the unrotated EXIF frame, else rescaled), counted as a fix.
 This costs one header read per image (about a millisecond each).
 
+:meth:`ImageFileSource.image_sizes` gives the upright sizes without decoding
+(for the pipeline's aspect-ratio grouping): the checked sizes as they are, and
+for sizes only recorded in the annotation file (``check_sizes=False``) the
+image header, read once, because a recorded size may be the unrotated EXIF
+frame. A missing or unreadable image then gives ``(0, 0)`` after a counted skip.
+
 Unreadable images
 -----------------
 ``source[i]`` returns ``None`` (after a counted skip) when the image cannot be
@@ -68,6 +74,8 @@ class ParsedImage:
     ann_ids: ``[N]`` int64 annotation ids (for the ground truth and messages).
     areas: ``[N]`` float64 object areas as recorded (COCO segment areas), or
       None to use the box areas.
+    size_checked: whether ``size`` was read from the image header (the upright
+      size) rather than taken from the annotation file.
   """
 
   image_id: int
@@ -79,6 +87,7 @@ class ParsedImage:
   difficult: np.ndarray
   ann_ids: np.ndarray
   areas: np.ndarray | None = None
+  size_checked: bool = False
 
 
 def _box_areas(boxes: np.ndarray) -> np.ndarray:
@@ -114,6 +123,8 @@ class ImageFileSource:
     self._image_ids = np.array([r.image_id for r in rows], np.int64)
     self._files = [r.file_name for r in rows]
     self._sizes = np.array([r.size for r in rows], np.int32).reshape(-1, 2)
+    self._size_checked = np.array([r.size_checked for r in rows], bool)
+    self._header_sizes: dict[int, tuple[int, int]] = {}  # read by image_sizes()
     self._offsets = np.cumsum([0] + [len(r.boxes) for r in rows]).astype(np.int64)
 
     def cat(name, dtype, shape=()):
@@ -137,7 +148,8 @@ class ImageFileSource:
     file, record = str(path), p.image_id
     boxes, size = np.asarray(p.boxes, np.float32).reshape(-1, 4), p.size
     areas = _box_areas(boxes) if p.areas is None else np.asarray(p.areas, np.float64)
-    if check_sizes or size is None:
+    checked = check_sizes or size is None
+    if checked:
       try:
         info = probe_image(path)
       except FileNotFoundError as e:
@@ -168,7 +180,7 @@ class ImageFileSource:
         image_id=int(p.image_id), file_name=p.file_name, size=(int(size[0]), int(size[1])),
         boxes=boxes, labels=np.asarray(p.labels, np.int32)[kept], crowd=crowd,
         difficult=np.asarray(p.difficult, bool)[kept],
-        ann_ids=np.asarray(p.ann_ids, np.int64)[kept], areas=areas)
+        ann_ids=np.asarray(p.ann_ids, np.int64)[kept], areas=areas, size_checked=checked)
 
   # --------------------------------------------------------------------------
   # DetectionSource.
@@ -187,6 +199,40 @@ class ImageFileSource:
   def path(self, index: int) -> Path:
     """The file of the ``index``-th image."""
     return self.image_root / self._files[index]
+
+  def image_sizes(self, indices: Sequence[int] | None = None) -> np.ndarray:
+    """``[n, 2]`` int64 upright ``(h, w)`` of the images at ``indices`` (default all), undecoded.
+
+    Sizes checked at start-up are returned as they are. A size only recorded
+    in the annotation file (``check_sizes=False``) is not trusted: it may be
+    the unrotated frame of an image with an EXIF orientation, so the image
+    header is read (once; later calls reuse it). A missing or unreadable
+    image gives ``(0, 0)`` after a counted skip.
+    """
+    idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+    if len(idx) and not (0 <= idx.min() and idx.max() < len(self)):
+      raise IndexError(f"indices out of range for {len(self)} images")
+    out = self._sizes[idx].astype(np.int64)
+    for k in np.flatnonzero(~self._size_checked[idx]).tolist():
+      out[k] = self._header_size(int(idx[k]))
+    return out
+
+  def _header_size(self, index: int) -> tuple[int, int]:
+    """The upright size from the image header, or ``(0, 0)`` (counted) if unreadable."""
+    if index not in self._header_sizes:
+      path, record = self.path(index), self.image_id(index)
+      try:
+        size = probe_image(path).size
+      except FileNotFoundError as e:
+        self.skip_log.skip("missing image", file=str(path), record=record,
+                           detail=f"size unknown: {e}")
+        size = (0, 0)
+      except DECODE_ERRORS as e:
+        self.skip_log.skip("unreadable image", file=str(path), record=record,
+                           detail=f"size unknown: {type(e).__name__}: {e}")
+        size = (0, 0)
+      self._header_sizes[index] = (int(size[0]), int(size[1]))
+    return self._header_sizes[index]
 
   def __getitem__(self, index: int) -> Example | None:
     """The ``index``-th example, or None (counted) if its image cannot be decoded."""

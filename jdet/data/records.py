@@ -14,6 +14,14 @@ times. A malformed annotation *file* is different: it raises
 An image that cannot be decoded when it is read (missing, truncated, not an
 image) makes ``source[i]`` return ``None`` after a counted skip; the pipeline
 filters ``None`` out. Sources check what they can at start-up, so this is rare.
+
+Image sizes without decoding
+----------------------------
+A source may also offer ``image_sizes(indices=None)`` (:class:`SizedSource`):
+the upright ``(h, w)`` of its images from metadata or image headers, never by
+decoding pixels; the pipeline's aspect-ratio grouping needs it. COCO, VOC,
+tfds and concatenated sources have it; :func:`image_sizes` falls back to
+decoding for a source without it.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Example", "DetectionSource", "AnnotationError", "SkipLog", "empty_annotations",
-           "clean_boxes", "clean_annotations"]
+__all__ = ["Example", "DetectionSource", "SizedSource", "AnnotationError", "SkipLog",
+           "empty_annotations", "clean_boxes", "clean_annotations", "image_sizes"]
 
 log = logging.getLogger("jdet.data")
 
@@ -173,6 +181,48 @@ class DetectionSource(Protocol):
   def category_id(self, label: int) -> int:
     """The dataset's original category id of a contiguous label."""
     ...
+
+
+@runtime_checkable
+class SizedSource(Protocol):
+  """A source that knows its images' sizes without decoding them (an optional extra).
+
+  Not part of :class:`DetectionSource`, so that sources without it still are
+  one; :func:`image_sizes` works with both.
+  """
+
+  def image_sizes(self, indices: Sequence[int] | None = None) -> np.ndarray:
+    """``[n, 2]`` int64 ``(h, w)`` of the upright images (EXIF orientation applied,
+    as ``source[i].image`` has it) at ``indices`` (default: all), from metadata
+    or image headers. ``(0, 0)`` for an image whose size cannot be read (missing
+    or unreadable file), after a counted skip in the source's log."""
+    ...
+
+
+def image_sizes(source: DetectionSource, indices: Sequence[int] | None = None) -> np.ndarray:
+  """``[n, 2]`` int64 upright ``(h, w)`` of ``source``'s images at ``indices`` (default all).
+
+  Uses the source's own ``image_sizes`` (:class:`SizedSource`: metadata or
+  headers only). A source without it has every image decoded once, which is
+  slow for a large dataset and is logged as a warning. ``(0, 0)`` marks an
+  image whose size is unknown (``source[i]`` is None, or the source could not
+  read it; the source has counted it).
+  """
+  idx = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+  if isinstance(source, SizedSource):
+    out = np.asarray(source.image_sizes(idx), np.int64).reshape(-1, 2)
+    if len(out) != len(idx):
+      raise ValueError(f"{type(source).__name__}.image_sizes gave {len(out)} sizes "
+                       f"for {len(idx)} indices")
+    return out
+  log.warning("%s has no image_sizes(): decoding %d images once to read their sizes",
+              type(source).__name__, len(idx))
+  out = np.zeros((len(idx), 2), np.int64)
+  for k, i in enumerate(idx.tolist()):
+    example = source[i]
+    if example is not None:
+      out[k] = example.orig_size
+  return out
 
 
 class SkipLog:

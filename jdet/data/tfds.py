@@ -48,6 +48,11 @@ How tfds features become an :class:`Example`:
   annotation ids and areas, so that APs/APm/APl use COCO's segment areas;
   elsewhere ids are running numbers and areas are box areas.
 
+Image sizes: tfds's detection datasets record none (``image`` has shape
+``(None, None, 3)``; VOC's ``<size>`` is not kept), so :meth:`TfdsSource.image_sizes`
+reads each record's image header (upright, EXIF applied), without decoding the
+pixels: one record read per image, once per source.
+
 If the fields of ``objects`` disagree in length (real tfds data never does;
 tfds's random mock data does), the objects are cut to the shortest field and
 the image is counted in the skip log.
@@ -239,6 +244,7 @@ class TfdsSource:
       names = list(COCO_CLASS_NAMES)  # A copy prepared without names.
     self.class_names: Sequence[str] = tuple(names)
     self._ground_truth: dict | None = None
+    self._sizes: np.ndarray | None = None  # [N, 2] upright (h, w), -1 until read
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, {self.split!r}, {len(self)} images)"
@@ -254,6 +260,28 @@ class TfdsSource:
     if self.is_coco:
       return COCO_CATEGORY_IDS[int(label)]
     return int(label) + 1
+
+  def image_sizes(self, indices: Sequence[int] | None = None) -> np.ndarray:
+    """``[n, 2]`` int64 upright ``(h, w)`` of the images at ``indices`` (default all).
+
+    Read from the image headers (tfds stores no sizes), once per image; a
+    missing or unreadable image gives ``(0, 0)`` after a counted skip.
+    """
+    idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+    if len(idx) and not (0 <= idx.min() and idx.max() < len(self)):
+      raise IndexError(f"indices out of range for {self!r}")
+    if self._sizes is None:
+      self._sizes = np.full((len(self), 2), -1, np.int64)
+    for i in idx[self._sizes[idx, 0] < 0].tolist():
+      record = self._data[i]
+      file = _text(record.get("image/filename", f"{self.name}:{self.split}:{i}"))
+      try:
+        self._sizes[i] = probe_image(bytes(record["image"])).size
+      except Exception as e:  # noqa: BLE001 - any unreadable header is a counted skip.
+        self.skip_log.skip("unreadable image", file=file, record=self._image_id(record, i),
+                           detail=f"size unknown: {type(e).__name__}: {e}")
+        self._sizes[i] = (0, 0)
+    return self._sizes[idx].copy()
 
   def _image_id(self, record: Mapping[str, Any], index: int) -> int:
     if "image/id" in record:

@@ -5,7 +5,7 @@ A tree ``root/`` holds ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` and
 reads the split's XML files once at start-up, checks and cleans them, then
 serves :class:`~jdet.data.records.Example` by index; it shares the machinery
 of :class:`jdet.data.coco.ImageFileSource` (size checks, EXIF, ``None`` for an
-unreadable image, COCO-format ground truth).
+unreadable image, COCO-format ground truth, ``image_sizes()`` without decoding).
 
 Conventions
 -----------

@@ -207,3 +207,30 @@ def test_bad_arguments():
     ShapesSource(3, min_objects=4, max_objects=2)
   with pytest.raises(ValueError):
     ShapesSource(3, image_size=8)
+
+
+@pytest.mark.parametrize("config_module", ["ssd300", "refinedet320", "faster_rcnn_r50_fpn"])
+@pytest.mark.parametrize("option, min_visible", [("", 0.75), (",min_visible=0.5", 0.5)])
+def test_quickstart_variants_share_their_data(config_module, option, min_visible):
+  """Every detector's ``shapes`` variant trains and evaluates on the same
+  images, each object keeping ``min_visible`` of its pixels (``min_visible=``
+  option), which the drawn masks obey and which a lower bound does change."""
+  import importlib
+  sys.path.insert(0, REPO)
+  try:
+    from jdet.data import builder
+    config = importlib.import_module(f"configs.{config_module}").get_config("shapes" + option)
+  finally:
+    sys.path.remove(REPO)
+  sources = {split: builder.build_source(config.data, split) for split in ("train", "val")}
+  for split, source in sources.items():
+    assert isinstance(source, ShapesSource) and source.split == split
+    assert (source.image_size, source.min_visible) == ((128, 128), min_visible)
+  val = sources["val"]
+  fractions = []
+  for i in range(24):
+    full, visible = val.instance_masks(i)
+    fractions += (visible.sum((1, 2)) / full.sum((1, 2))).tolist()
+  assert min(fractions) >= min_visible
+  # The bound binds: the default-0.5 split has objects below 0.75 visible.
+  assert (min(fractions) < 0.75) == (min_visible < 0.75)
