@@ -62,6 +62,15 @@ COCO_CANVAS = (1344, 1344)
 COCO_BUCKETS = ((832, 1344), (1344, 832))
 
 
+# The shapes quick start's anchors: two sizes per level, 3x and 4.2x the stride (12 and 17
+# pixels on P2 .. 192 and 272 on P6), three ratios each. On the shapes validation split
+# every object then overlaps an anchor by IoU >= 0.5 and 53 % one by IoU >= 0.7 (RPN
+# positives; the rest are matched as low-quality matches); with one size of 2x the
+# stride (8 .. 128, a quarter of COCO's sizes) 17 % overlapped none by 0.5 and 92 % none
+# by 0.7.
+SHAPES_ANCHOR_SIZES = tuple((s, round(s * 2 ** 0.5, 2)) for s in (12, 24, 48, 96, 192))
+
+
 def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
   """The model section: torchvision's / MMDetection's Faster R-CNN R50-FPN settings,
   with ``overrides`` of some of them."""
@@ -72,7 +81,7 @@ def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
       rpn_pre_nms_top_n=(2000, 1000), rpn_post_nms_top_n=(2000, 1000),
       rpn_num_samples=256, rpn_positive_fraction=0.5,
       representation_size=1024, rcnn_num_samples=512, rcnn_positive_fraction=0.25,
-      score_threshold=0.05, nms_threshold=0.5, max_detections=100)
+      roi_aligned=False, score_threshold=0.05, nms_threshold=0.5, max_detections=100)
   unknown = sorted(set(overrides) - set(section))
   if unknown:
     raise ValueError(f"unknown model options {unknown}")
@@ -138,12 +147,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           milestones=(27, 33))
   elif variant == "shapes":
     # From scratch: trainable BatchNorm, nothing frozen, AdamW. Objects are 10..110 px,
-    # so the anchors are 4x smaller than COCO's (8 on P2 .. 128 on P6).
+    # so the anchors are smaller than COCO's: SHAPES_ANCHOR_SIZES. RoIAlign samples at
+    # pixel centres (aligned, as MMDetection), which matters on maps of 32 pixels.
     config.model = model(
         5, depth=18, widths=(16, 32, 64, 128), stem_width=16, norm="batch", frozen_stages=-1,
-        fpn_channels=64, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n=(600, 300),
+        fpn_channels=64, anchor_sizes=SHAPES_ANCHOR_SIZES, rpn_pre_nms_top_n=(600, 300),
         rpn_post_nms_top_n=(300, 100), representation_size=256, rcnn_num_samples=128,
-        score_threshold=0.02)
+        roi_aligned=True, score_threshold=0.02)
     config.data = common.data_config(
         common.shapes_quickstart_data(options),
         common.rcnn_augment(((128, 128),), canvas=(128, 128)),

@@ -252,6 +252,8 @@ class RefineDet(nn.Module):
       each extra level must halve the resolution. ``norm="batch"`` also puts
       BatchNorm in the TCB.
     l2norm_scales: initial L2Norm scales of conv4_3 and conv5_3 (10, 8).
+    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is a source too, the first
+      level (S3FD's small-object layer; the 128-pixel quick start uses 10).
     tcb_width: channels of the TCB and so of the ODM's inputs (256).
     anchor_sizes: one anchor size per level in pixels; ``None`` gives
       ``anchor_scale`` times the level's stride (8, 16, 32, 64, ...).
@@ -280,6 +282,7 @@ class RefineDet(nn.Module):
   l2norm_scales: Sequence[float] = (10.0, 8.0)
   norm: str = "none"
   tcb_width: int = 256
+  conv3_3_l2norm_scale: float | None = None
   anchor_sizes: Sequence[float] | None = None
   anchor_scale: float = 4.0
   steps: Sequence[float] | None = (8, 16, 32, 64)
@@ -302,7 +305,7 @@ class RefineDet(nn.Module):
                           fc6_dilation=self.fc6_dilation, extras=self.extras,
                           l2norm_scale=self.l2norm_scales[0], norm=self.norm, dtype=self.dtype,
                           pool5_stride=2, conv5_3_l2norm_scale=self.l2norm_scales[1],
-                          extras_first=6)
+                          extras_first=6, conv3_3_l2norm_scale=self.conv3_3_l2norm_scale)
     per_location = [self.anchors_per_location] * self.num_levels
     self.arm = SSDHead(2, per_location, dtype=self.dtype)
     self.tcb = TransferConnectionBlock(self.tcb_width, norm=self.norm, dtype=self.dtype)
@@ -310,8 +313,8 @@ class RefineDet(nn.Module):
 
   @property
   def num_levels(self) -> int:
-    """conv4_3, conv5_3, fc7 and one per extra level (4)."""
-    return 3 + len(self.extras)
+    """conv4_3, conv5_3, fc7 and one per extra level (4), plus conv3_3 if it is a source."""
+    return 3 + len(self.extras) + (self.conv3_3_l2norm_scale is not None)
 
   @property
   def anchors_per_location(self) -> int:
@@ -319,10 +322,12 @@ class RefineDet(nn.Module):
 
   @property
   def level_sizes(self) -> tuple[float, ...]:
-    """The anchor size of each level in pixels (32, 64, 128, 256)."""
+    """The anchor size of each level in pixels (32, 64, 128, 256): ``anchor_scale``
+    times the level's stride (8, 16, ... or 4, 8, ... with conv3_3)."""
     if self.anchor_sizes is not None:
       return tuple(self.anchor_sizes)
-    return tuple(self.anchor_scale * 8 * 2 ** k for k in range(self.num_levels))
+    first = 4 if self.conv3_3_l2norm_scale is not None else 8
+    return tuple(self.anchor_scale * first * 2 ** k for k in range(self.num_levels))
 
   def anchors(self, feature_sizes: Sequence[Sequence[int]]) -> np.ndarray:
     """``[A, 4]`` float32 xyxy anchors for the given ``(h, w)`` per level.

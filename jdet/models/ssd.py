@@ -149,6 +149,8 @@ class SSD(nn.Module):
     image_size: side of the square input (300, 512, or smaller for tests).
     widths, fc_width, fc6_dilation, extras, l2norm_scale, norm: the VGG16 backbone
       (see :class:`~jdet.models.backbones.vgg.VGG16`).
+    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is a source too, the first
+      level (S3FD's small-object layer; the 128-pixel quick start uses 10).
     min_sizes, max_sizes: default box sizes per level in pixels; ``None`` uses
       the paper's scale rule with ``size_rule = (s_min, s_max, first)``.
     size_rule: ``(0.15, 0.9, 0.07)`` for COCO, ``(0.2, 0.9, 0.1)`` for VOC SSD300.
@@ -173,6 +175,7 @@ class SSD(nn.Module):
   extras: Sequence[Sequence[int]] = SSD300_EXTRAS
   l2norm_scale: float = 20.0
   norm: str = "none"
+  conv3_3_l2norm_scale: float | None = None
   min_sizes: Sequence[float] | None = None
   max_sizes: Sequence[float] | None = None
   size_rule: Sequence[float] = (0.15, 0.9, 0.07)
@@ -192,12 +195,14 @@ class SSD(nn.Module):
   def setup(self):
     self.backbone = VGG16(widths=self.widths, fc_width=self.fc_width,
                           fc6_dilation=self.fc6_dilation, extras=self.extras,
-                          l2norm_scale=self.l2norm_scale, norm=self.norm, dtype=self.dtype)
+                          l2norm_scale=self.l2norm_scale, norm=self.norm, dtype=self.dtype,
+                          conv3_3_l2norm_scale=self.conv3_3_l2norm_scale)
     self.head = SSDHead(self.num_classes + 1, self.boxes_per_location, dtype=self.dtype)
 
   @property
   def num_levels(self) -> int:
-    return 2 + len(self.extras)
+    """conv4_3, fc7 and one per extra level, plus conv3_3 if it is a source."""
+    return 2 + len(self.extras) + (self.conv3_3_l2norm_scale is not None)
 
   @property
   def boxes_per_location(self) -> list[int]:

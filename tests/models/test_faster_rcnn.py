@@ -448,3 +448,24 @@ def test_coco_schedule_scales_with_the_batch():
   ms = frcnn_config.get_config("coco_ms")
   assert ms.data.transforms.mode == "range" and ms.data.transforms.test_scale == (800, 1333)
   assert ms.optim.milestones == (27 * 7330, 33 * 7330) and ms.train.num_steps == 36 * 7330
+
+
+def test_shapes_anchors_cover_the_validation_objects():
+  """The shapes variant's two anchor sizes per level (3x and 4.2x the stride) give
+  every object of the shapes validation split an anchor at IoU >= 0.5 and most
+  one at the RPN's positive threshold 0.7; one size of 2x the stride does not."""
+  config = frcnn_config.get_config("shapes")
+  model = FasterRCNN(**config.model)
+  source = builder.build_source(config.data, "val")
+  objects = [np.asarray(source[i].boxes, np.float32) for i in range(256)]
+  maps = [(128 // s, 128 // s) for s in model.strides]
+
+  def best_iou(sizes):
+    anchors = multilevel_grid_anchors(maps, model.strides, sizes, model.anchor_ratios)
+    return np.concatenate([np.asarray(jdet.boxes.iou(g, anchors)).max(axis=1)
+                           for g in objects if len(g)])
+
+  best = best_iou([tuple(s) for s in model.anchor_sizes])
+  assert len(best) > 500 and (best < 0.5).mean() < 0.005 and (best >= 0.7).mean() > 0.5
+  single = best_iou([(2 * s,) for s in model.strides])
+  assert (single < 0.5).mean() > 0.1 and (single >= 0.7).mean() < 0.15

@@ -402,7 +402,9 @@ def test_candidates_at_input_size(smoke, size, maps):
 
 @pytest.mark.parametrize("module", [refinedet320, refinedet512])
 @pytest.mark.parametrize("variant, size, num_anchors", [
-    ("coco", None, None), ("voc", None, None), ("shapes", 128, 1020), ("smoke", 64, 255)])
+    ("coco", None, None), ("voc", None, None),
+    ("shapes", 128, (32 ** 2 + 16 ** 2 + 8 ** 2 + 4 ** 2 + 2 ** 2) * 3),  # conv3_3 .. conv6_2
+    ("smoke", 64, 255)])
 def test_configs_build(module, variant, size, num_anchors):
   """Every variant builds its model and traces a forward pass at its input size
   (abstractly: compiling VGG16 at 512 would take minutes on a CPU). The smoke

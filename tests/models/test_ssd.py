@@ -18,6 +18,7 @@ from jdet import optim
 from jdet.data import builder, pipeline
 from jdet.models.backbones.vgg import SSD512_EXTRAS
 from jdet.models.ssd import SSD, ssd_loss, ssd_targets
+from jdet.ops.anchors import ssd_sizes
 from jdet.testing import assert_traces_once
 from jdet.train_state import TrainState
 from jdet.training import make_train_step
@@ -354,3 +355,71 @@ def test_train_step_compiles_once(smoke):
   for s, m in ((s1, m1), (s2, m2)):
     assert int(s.step) == 1 and m["finite"] == 1.0 and np.isfinite(m["loss"])
   assert m1["loss"] != m2["loss"]  # two different batches went through the one compiled step
+
+
+# ----------------------------------------------------------------------------
+# conv3_3 as a source (S3FD's stride-4 layer) and the shapes default boxes.
+# ----------------------------------------------------------------------------
+
+
+def test_conv3_3_source_comes_first_l2_normalised_and_leaves_the_rest_unchanged():
+  from jdet.models.backbones.vgg import VGG16
+  common = dict(widths=(4, 8, 16, 32, 32), fc_width=32, extras=((16, 32, 3, 2, 1),),
+                fc6_dilation=1)
+  plain, with_conv3 = VGG16(**common), VGG16(**common, conv3_3_l2norm_scale=10.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+  variables = with_conv3.init(jax.random.key(0), x)
+  assert with_conv3.out_channels == (16,) + plain.out_channels
+  feats = with_conv3.apply(variables, x)
+  # The plain network is the same one without conv3_3_norm's scale: same other outputs.
+  params = {k: v for k, v in variables["params"].items() if k != "conv3_3_norm"}
+  reference = plain.apply({"params": params}, x)
+  assert len(feats) == len(reference) + 1
+  for got, want in zip(feats[1:], reference):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # conv3_3: stride 4, its channels, and every pixel's channel vector of L2 norm 10.
+  assert feats[0].shape == (2, 16, 16, 16)
+  norms = np.linalg.norm(np.asarray(feats[0]), axis=-1)
+  np.testing.assert_allclose(norms[norms > 0], 10.0, rtol=1e-5)
+  assert (norms > 0).mean() > 0.9
+
+
+def _shapes_objects(num_images: int = 256) -> list[np.ndarray]:
+  config = ssd300_config.get_config("shapes")
+  source = builder.build_source(config.data, "val")
+  return [np.asarray(source[i].boxes, np.float32) for i in range(num_images)]
+
+
+def _best_iou_per_object(anchors, objects) -> np.ndarray:
+  return np.concatenate([np.asarray(jdet.boxes.iou(g, anchors)).max(axis=1)
+                         for g in objects if len(g)])
+
+
+@pytest.mark.parametrize("config_name", ["ssd300", "refinedet320"])
+def test_shapes_default_boxes_cover_the_validation_objects(config_name):
+  """With conv3_3 as the first source, nearly every object of the shapes
+  validation split overlaps a default box by IoU >= 0.5 (the matching rule);
+  without it a large share has only its forced best match."""
+  import importlib
+  config = importlib.import_module(f"configs.{config_name}").get_config("shapes")
+  model = jdet.build_model(config.model_name, **config.model)
+  assert model.conv3_3_l2norm_scale is not None
+  out, _ = jax.eval_shape(lambda key, x: model.init_with_output(key, x), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
+  maps = [(128 // s, 128 // s) for s in (4, 8, 16, 32, 64, 128)][:model.num_levels]
+  anchors = (model.default_boxes(maps) if config_name == "ssd300" else model.anchors(maps))
+  num_anchors = (out[2] if config_name == "ssd300" else out.anchors).shape[0]
+  assert anchors.shape == (num_anchors, 4)
+  objects = _shapes_objects()
+  best = _best_iou_per_object(anchors, objects)
+  assert len(best) > 500 and (best < 0.5).mean() < 0.01
+  # The same design without the stride-4 level (conv4_3 first) misses many.
+  fewer = model.clone(conv3_3_l2norm_scale=None, **(
+      dict(aspect_ratios=model.aspect_ratios[1:],
+           min_sizes=ssd_sizes(128, model.num_levels, *model.size_rule)[0][1:],
+           max_sizes=ssd_sizes(128, model.num_levels, *model.size_rule)[1][1:])
+      if config_name == "ssd300" else
+      dict(steps=model.steps[1:], anchor_sizes=model.level_sizes[1:])))
+  coarse = (fewer.default_boxes(maps[1:]) if config_name == "ssd300"
+            else fewer.anchors(maps[1:]))
+  assert (_best_iou_per_object(coarse, objects) < 0.5).mean() > 0.05

@@ -28,6 +28,14 @@ level is called conv6 (``extras_first=6``, :data:`REFINEDET_EXTRAS`). For a
 320x320 input the sources are conv4_3 40x40x512, conv5_3 20x20x512, fc7
 10x10x1024 and conv6_2 5x5x512 (strides 8, 16, 32, 64).
 
+A stride-4 source for small objects, as S3FD (Zhang et al., ICCV 2017) adds to
+SSD for faces down to 16 pixels: ``conv3_3_l2norm_scale=10`` returns conv3_3
+(L2-normalised with that initial scale) before every other source. The
+128-pixel quick-start variants use it, so that their smallest default boxes
+(about 10 pixels) sit on a grid of 4 pixels, as SSD300's 30-pixel boxes sit on
+one of 8: with conv4_3 first, a third of the small objects overlap no default
+box by IoU 0.5.
+
 Convolutions are written with explicit symmetric padding (as PyTorch's
 ``padding=``), never ``"SAME"``, so stride-2 layers see the same pixels as
 in the reference implementations.
@@ -120,6 +128,8 @@ class VGG16(nn.Module):
       conv4_3, through an L2Norm with this initial scale (RefineDet: 8).
     extras_first: the number in the first extra level's name (``conv8_1``,
       ``conv8_2`` in SSD; 6 in RefineDet).
+    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is returned too, first,
+      through an L2Norm with this initial scale (S3FD: 10).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512, 512)
@@ -132,18 +142,22 @@ class VGG16(nn.Module):
   pool5_stride: int = 1
   conv5_3_l2norm_scale: float | None = None
   extras_first: int = 8
+  conv3_3_l2norm_scale: float | None = None
 
   @property
   def out_channels(self) -> tuple[int, ...]:
     """Channels of each returned feature map."""
+    conv3_3 = () if self.conv3_3_l2norm_scale is None else (self.widths[2],)
     conv5_3 = () if self.conv5_3_l2norm_scale is None else (self.widths[4],)
-    return (self.widths[3],) + conv5_3 + (self.fc_width,) + tuple(e[1] for e in self.extras)
+    return (conv3_3 + (self.widths[3],) + conv5_3 + (self.fc_width,)
+            + tuple(e[1] for e in self.extras))
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool = False) -> list[jnp.ndarray]:
     """``x: [B, H, W, 3]`` normalised image -> ``[conv4_3 (L2-normalised), fc7, extras...]``,
     each ``[B, h, w, c]``, with conv5_3 (L2-normalised) after conv4_3 if
-    ``conv5_3_l2norm_scale`` is set. ``train`` updates BatchNorm statistics
+    ``conv5_3_l2norm_scale`` is set and conv3_3 (L2-normalised) first if
+    ``conv3_3_l2norm_scale`` is set. ``train`` updates BatchNorm statistics
     (``norm="batch"``)."""
     if self.norm not in ("none", "batch"):
       raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
@@ -163,6 +177,8 @@ class VGG16(nn.Module):
     for stage, (depth, width) in enumerate(zip(_STAGE_DEPTHS, self.widths), start=1):
       for i in range(1, depth + 1):
         x = conv(width, 3, f"conv{stage}_{i}", padding=1)(x)
+      if stage == 3 and self.conv3_3_l2norm_scale is not None:
+        outputs.append(L2Norm(self.conv3_3_l2norm_scale, name="conv3_3_norm")(x))
       if stage == 4:
         outputs.append(L2Norm(self.l2norm_scale, name="conv4_3_norm")(x))
       if stage == 5 and self.conv5_3_l2norm_scale is not None:
