@@ -13,7 +13,8 @@ batching; the model is not run) with the sources and transforms that
   normalise), batch 32.
 * ``faster_rcnn``: ``configs/faster_rcnn_r50_fpn.py:coco``'s training
   transforms (keep-ratio resize to shorter side 800 and longer at most 1333,
-  flip, normalise, pad to the 1344x1344 canvas), batch 2 (the 2 images per
+  flip, normalise; batches of landscape or of portrait images, padded to
+  832x1344 or 1344x832, ``data.group_by_aspect``), batch 2 (the 2 images per
   device of its global batch of 16).
 * ``shapes``: ``configs/ssd300.py:shapes``'s whole data section (the CPU
   quick start: 128-pixel generated shapes, flips only), batch 16.
@@ -26,7 +27,7 @@ and the transforms come from the same helpers as the configs'
 (``common.ssd_augment``, ``common.rcnn_augment``; checked against the
 configs at start-up). COCO photos are larger (about 640x480), so decoding and
 the SSD steps before its resize cost somewhat more there; the R-CNN output
-(a 1344x1344 float32 canvas per image) is the same.
+(an 832x1344 or 1344x832 float32 canvas per image) is the same.
 
 Each pipeline runs with every ``--workers`` count (grain worker processes; 0
 reads in the main process). As in training, every reading process maps the
@@ -90,7 +91,8 @@ def _check_transforms(name: str, ours: ml_collections.ConfigDict,
                       config: ml_collections.ConfigDict) -> None:
   """Fails when ``ours`` (transforms and ``max_boxes``) differs from the config's data section."""
   if (ours.transforms.to_dict() != config.data.transforms.to_dict()
-      or ours.max_boxes != config.data.max_boxes):
+      or ours.max_boxes != config.data.max_boxes
+      or ours.group_by_aspect != config.data.group_by_aspect):
     raise ValueError(f"{name}: the benchmark's transforms no longer match the config's; "
                      f"update bench/data.py (config: {config.data.transforms.to_dict()}, "
                      f"max_boxes {config.data.max_boxes})")
@@ -108,9 +110,10 @@ def data_section(name: str, batch_size: int, raccoon: Path) -> ml_collections.Co
   elif name == "faster_rcnn":
     data = common.data_config(
         common.raccoon_data(str(raccoon)),
-        common.rcnn_augment(((800, 1333),), canvas=faster_rcnn_r50_fpn.COCO_CANVAS, mode="value",
+        common.rcnn_augment(((800, 1333),), canvas=faster_rcnn_r50_fpn.COCO_CANVAS,
+                            buckets=faster_rcnn_r50_fpn.COCO_BUCKETS, mode="value",
                             test_scale=(800, 1333)),
-        batch_size=batch_size)
+        batch_size=batch_size, group_by_aspect=True)
     _check_transforms(name, data, faster_rcnn_r50_fpn.get_config("coco"))
   elif name == "shapes":
     data = ssd300.get_config("shapes").data
@@ -127,7 +130,8 @@ def measure(data: ml_collections.ConfigDict, *, num_workers: int, warmup: int,
   transform = builder.build_transforms(data, train=True)
   t0 = time.perf_counter()
   it = pipeline.train_batches(source, transform, batch_size=int(data.batch_size),
-                              seed=int(data.seed), num_workers=num_workers)
+                              seed=int(data.seed), num_workers=num_workers,
+                              group_by_aspect=bool(data.group_by_aspect))
   try:
     next(it)
     first = time.perf_counter() - t0
