@@ -36,8 +36,8 @@ Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOC
   reaches AP50 0.92 (AP 0.63) on the shapes validation split after 1500 steps
   (15 minutes of training) and AP 0.72 / AP50 0.97 / AP75 0.87 after its 2500
   steps (25 minutes at about 27 images/s); AP 0.73 / AP75 0.89 with
-  ``eval.py --tta``. Option ``min_visible=0.5`` trains
-  and evaluates on the harder split with objects down to half visible.
+  ``eval.py --tta``. Option ``min_visible=0.5`` trains and evaluates on the
+  harder split with objects down to half visible.
 
 * ``smoke``: a tiny network, a few steps on a few generated images; seconds
   (used by the tests).

@@ -9,28 +9,18 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jdet.data.coco import CocoSource
 from jdet.data.records import (AnnotationError, DetectionSource, Example, SkipLog,
                                clean_annotations)
+from jdet.testing import write_image
 
 # COCO's category ids have gaps (1..90 for 80 classes); these keep some of them.
 def categories() -> list[dict]:
   return [dict(id=90, name="toothbrush"), dict(id=1, name="person"),
           dict(id=47, name="cup"), dict(id=3, name="car")]
-
-
-def write_image(path, h, w, orientation=None):
-  a = np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8)
-  kw = {}
-  if orientation:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    kw["exif"] = exif.tobytes()
-  Image.fromarray(a).save(path, "PNG", **kw)
 
 
 def ann(id, image_id, category_id, bbox, **kw):

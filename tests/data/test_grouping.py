@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from jdet.data import builder, pipeline
 from jdet.data import transforms as T
@@ -17,6 +16,7 @@ from jdet.data.coco import CocoSource
 from jdet.data.records import SizedSource, SkipLog, image_sizes
 from jdet.data.shapes import ShapesSource
 from jdet.data.voc import VocSource
+from jdet.testing import assert_resumes_through_orbax, write_image
 
 RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 B = 4
@@ -28,16 +28,6 @@ SCALE = (16, 26)
 LANDSCAPE_CANVAS, PORTRAIT_CANVAS = (20, 28), (28, 20)
 BUCKETS = (LANDSCAPE_CANVAS, PORTRAIT_CANVAS)
 MAX_BOXES = 4
-
-
-def _write_image(path: Path, h: int, w: int, seed: int, orientation: int | None = None) -> None:
-  pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)
-  kw = {}
-  if orientation:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    kw["exif"] = exif.tobytes()
-  Image.fromarray(pixels).save(path, "PNG", **kw)
 
 
 # (stored h, stored w, EXIF orientation): 11 landscape images (two square) and
@@ -59,7 +49,7 @@ def write_coco(root: Path, images=IMAGES, missing: tuple[int, ...] = ()) -> Path
   for i, (h, w, orientation) in enumerate(images, start=1):
     name = f"{i:04d}.png"
     if i not in missing:
-      _write_image(root / "img" / name, h, w, seed=i, orientation=orientation)
+      write_image(root / "img" / name, h, w, seed=i, orientation=orientation)
     records.append(dict(id=i, file_name=name, height=h, width=w))
     annotations.append(dict(id=100 + i, image_id=i, category_id=1, bbox=[1, 1, 6, 5], area=30.0))
   path = root / "instances.json"
@@ -213,22 +203,10 @@ def test_a_restored_iterator_state_gives_the_same_next_batches(coco):
 
 
 def test_iterator_state_round_trips_through_an_orbax_checkpoint(coco, tmp_path):
-  import grain
-  import orbax.checkpoint as ocp
-
-  it = pipeline.train_batches(coco, _transform(), batch_size=B, seed=11, group_by_aspect=True)
-  for _ in range(3):
-    next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-  expected = next(it)
-  fresh = pipeline.train_batches(coco, _transform(), batch_size=B, seed=11, group_by_aspect=True)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-  got = next(fresh)
-  for k in pipeline.BATCH_KEYS:
-    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+  assert_resumes_through_orbax(
+      lambda: pipeline.train_batches(coco, _transform(), batch_size=B, seed=11,
+                                     group_by_aspect=True),
+      3, tmp_path / "ckpt", pipeline.BATCH_KEYS)
 
 
 def test_two_shards_are_disjoint_and_in_step(coco):

@@ -6,6 +6,7 @@ import pytest
 from jdet.data import pipeline
 from jdet.data import transforms as T
 from jdet.data.shapes import ShapesSource
+from jdet.testing import assert_resumes_through_orbax
 
 SIZE, MAX_BOXES = 64, 8
 
@@ -123,23 +124,9 @@ def test_too_small_shard_is_a_clear_error(source):
 
 
 def test_iterator_state_round_trips_through_an_orbax_checkpoint(source, tmp_path):
-  import grain
-  import orbax.checkpoint as ocp
-
-  it = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=11)
-  for _ in range(2):
-    next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-  expected = next(it)
-
-  fresh = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=11)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-  got = next(fresh)
-  for k in pipeline.BATCH_KEYS:
-    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+  assert_resumes_through_orbax(
+      lambda: pipeline.train_batches(source, _train_tf(), batch_size=3, seed=11),
+      2, tmp_path / "ckpt", pipeline.BATCH_KEYS)
 
 
 def test_parallel_workers_read_every_image_once_per_epoch(source):

@@ -19,7 +19,7 @@ from jdet.data import builder, pipeline
 from jdet.models.backbones.vgg import SSD512_EXTRAS
 from jdet.models.ssd import SSD, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_sizes
-from jdet.testing import assert_traces_once
+from jdet.testing import assert_traces_once, best_iou_per_object
 from jdet.train_state import TrainState
 from jdet.training import make_train_step
 
@@ -390,9 +390,19 @@ def _shapes_objects(num_images: int = 256) -> list[np.ndarray]:
   return [np.asarray(source[i].boxes, np.float32) for i in range(num_images)]
 
 
-def _best_iou_per_object(anchors, objects) -> np.ndarray:
-  return np.concatenate([np.asarray(jdet.boxes.iou(g, anchors)).max(axis=1)
-                         for g in objects if len(g)])
+def _anchors(model, maps) -> np.ndarray:
+  """SSD's default boxes or RefineDet's anchors for feature maps ``maps``."""
+  return model.default_boxes(maps) if isinstance(model, SSD) else model.anchors(maps)
+
+
+def _without_conv3_3(model):
+  """The same design without the stride-4 level: conv4_3 first, the other levels kept."""
+  if isinstance(model, SSD):
+    min_sizes, max_sizes = ssd_sizes(128, model.num_levels, *model.size_rule)
+    return model.clone(conv3_3_l2norm_scale=None, aspect_ratios=model.aspect_ratios[1:],
+                       min_sizes=min_sizes[1:], max_sizes=max_sizes[1:])
+  return model.clone(conv3_3_l2norm_scale=None, steps=model.steps[1:],
+                     anchor_sizes=model.level_sizes[1:])
 
 
 @pytest.mark.parametrize("config_name", ["ssd300", "refinedet320"])
@@ -407,19 +417,10 @@ def test_shapes_default_boxes_cover_the_validation_objects(config_name):
   out, _ = jax.eval_shape(lambda key, x: model.init_with_output(key, x), jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
   maps = [(128 // s, 128 // s) for s in (4, 8, 16, 32, 64, 128)][:model.num_levels]
-  anchors = (model.default_boxes(maps) if config_name == "ssd300" else model.anchors(maps))
-  num_anchors = (out[2] if config_name == "ssd300" else out.anchors).shape[0]
-  assert anchors.shape == (num_anchors, 4)
+  anchors = _anchors(model, maps)
+  assert anchors.shape == ((out[2] if isinstance(model, SSD) else out.anchors).shape[0], 4)
   objects = _shapes_objects()
-  best = _best_iou_per_object(anchors, objects)
+  best = best_iou_per_object(anchors, objects)
   assert len(best) > 500 and (best < 0.5).mean() < 0.01
-  # The same design without the stride-4 level (conv4_3 first) misses many.
-  fewer = model.clone(conv3_3_l2norm_scale=None, **(
-      dict(aspect_ratios=model.aspect_ratios[1:],
-           min_sizes=ssd_sizes(128, model.num_levels, *model.size_rule)[0][1:],
-           max_sizes=ssd_sizes(128, model.num_levels, *model.size_rule)[1][1:])
-      if config_name == "ssd300" else
-      dict(steps=model.steps[1:], anchor_sizes=model.level_sizes[1:])))
-  coarse = (fewer.default_boxes(maps[1:]) if config_name == "ssd300"
-            else fewer.anchors(maps[1:]))
-  assert (_best_iou_per_object(coarse, objects) < 0.5).mean() > 0.05
+  coarse = _anchors(_without_conv3_3(model), maps[1:])
+  assert (best_iou_per_object(coarse, objects) < 0.5).mean() > 0.05

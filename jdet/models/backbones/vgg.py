@@ -33,8 +33,8 @@ SSD for faces down to 16 pixels: ``conv3_3_l2norm_scale=10`` returns conv3_3
 (L2-normalised with that initial scale) before every other source. The
 128-pixel quick-start variants use it, so that their smallest default boxes
 (about 10 pixels) sit on a grid of 4 pixels, as SSD300's 30-pixel boxes sit on
-one of 8: with conv4_3 first, a third of the small objects overlap no default
-box by IoU 0.5.
+one of 8: with conv4_3 first, 29 % of the objects under 16 pixels overlap no
+default box by IoU 0.5.
 
 Convolutions are written with explicit symmetric padding (as PyTorch's
 ``padding=``), never ``"SAME"``, so stride-2 layers see the same pixels as
