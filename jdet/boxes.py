@@ -35,8 +35,12 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 def as_f32(x) -> jnp.ndarray:
-  """Returns ``x`` as a float32 array (box maths is always float32)."""
-  return jnp.asarray(x, dtype=jnp.float32)
+  """Returns ``x`` as a float32 array (box maths is float32 whatever the network's dtype).
+
+  float64 stays float64 (only possible with ``jax_enable_x64``, as reference tests use it).
+  """
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import flax.linen as nn
 
 from jdet.models.faster_rcnn import FasterRCNN
 from jdet.models.refinedet import RefineDet
+from jdet.models.sparse_rcnn import SparseRCNN
 from jdet.models.ssd import SSD
 
-# Sparse R-CNN joins as "sparse_rcnn" when it lands.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "ssd": SSD, "refinedet": RefineDet, "faster_rcnn": FasterRCNN}
+    "ssd": SSD, "refinedet": RefineDet, "faster_rcnn": FasterRCNN,
+    "sparse_rcnn": SparseRCNN}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
