@@ -46,6 +46,8 @@ from typing import Mapping
 
 import numpy as np
 
+from jdet.convert.files import listing
+
 __all__ = ["resnet_params", "resnet_depth", "fpn_params", "resnet_fpn_backbone_params",
            "is_resnet_state_dict"]
 
@@ -96,14 +98,9 @@ class _Reader:
     if self.missing or unused:
       raise ValueError(
           f"not a torchvision {self.what} state dict (prefix {self.prefix!r}):\n"
-          + (f"  missing ({len(self.missing)}): {_listing(self.missing)}\n" if self.missing else "")
-          + (f"  unexpected ({len(unused)}): {_listing(unused)}\n" if unused else "")
+          + (f"  missing ({len(self.missing)}): {listing(self.missing)}\n" if self.missing else "")
+          + (f"  unexpected ({len(unused)}): {listing(unused)}\n" if unused else "")
           + f"  its keys begin {sorted(self.state_dict)[:4]}")
-
-
-def _listing(names: list[str], limit: int = 20) -> str:
-  more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
 
 
 def is_resnet_state_dict(state_dict: Mapping[str, np.ndarray], prefix: str = "") -> bool:
@@ -270,5 +267,5 @@ def resnet_fpn_backbone_params(state_dict: Mapping[str, np.ndarray], prefix: str
   left = sorted(k for k in state_dict if k.startswith(prefix) and not k.startswith(
       (f"{prefix}body.", f"{prefix}fpn.")))
   if left:
-    raise ValueError(f"names under {prefix!r} that are neither body nor fpn: {_listing(left)}")
+    raise ValueError(f"names under {prefix!r} that are neither body nor fpn: {listing(left)}")
   return {"body": body, "fpn": fpn}

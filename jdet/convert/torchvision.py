@@ -185,26 +185,30 @@ def vgg16_backbone_params(state_dict: Mapping[str, np.ndarray]) -> dict:
   return backbone
 
 
-def coco91_to_coco80(params: Mapping, model_params: Mapping) -> dict:
+def coco91_to_coco80(params: Mapping, model_params: Mapping | None = None) -> dict:
   """torchvision's 91-way COCO class heads -> jdet's 81-way ones (background + 80).
 
   torchvision's COCO detectors predict a score for each COCO *category id*
   (0 = background, 1 .. 90 with 10 unused ids); jdet's COCO source has 80
   contiguous labels, label ``l`` being category ``COCO_CATEGORY_IDS[l]``. This
   keeps, per default box, the background column and the columns of the 80
-  category ids, in label order, in every ``head/cls_k`` whose width in
-  ``params`` is ``P * 91`` where ``model_params`` has ``P * 81``. Other
-  parameters are returned unchanged.
+  category ids, in label order, in every ``head/cls_k`` whose width is
+  ``P * 91`` (and, given ``model_params``, where the model's is ``P * 81``).
+  Other parameters are returned unchanged.
   """
   from jdet.data.tfds import COCO_CATEGORY_IDS  # the 80 ids, in label order
+  if "head" not in params:
+    return dict(params)
   keep = np.asarray((0,) + tuple(COCO_CATEGORY_IDS))
-  head = dict(params.get("head", {}))
+  head = dict(params["head"])
   for name, layer in head.items():
-    target = model_params.get("head", {}).get(name, {}).get("kernel")
     kernel = np.asarray(layer["kernel"])
-    if (not name.startswith("cls_") or target is None or kernel.shape[-1] % 91
-        or target.shape[-1] != kernel.shape[-1] // 91 * 81):
+    if not name.startswith("cls_") or kernel.shape[-1] % 91:
       continue
+    if model_params is not None:
+      target = model_params.get("head", {}).get(name, {}).get("kernel")
+      if target is None or target.shape[-1] != kernel.shape[-1] // 91 * 81:
+        continue
     p = kernel.shape[-1] // 91
     cols = (np.arange(p)[:, None] * 91 + keep[None, :]).reshape(-1)  # [P * 81]
     head[name] = dict(layer, kernel=kernel[..., cols], bias=np.asarray(layer["bias"])[cols])

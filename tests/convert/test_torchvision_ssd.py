@@ -144,7 +144,7 @@ def jdet_outputs(tv_ssd, tv_outputs, photos):
   _, path = tv_ssd
   _, orig, _ = photos
   model = _ssd()
-  variables = {"params": convert.load_model_params(path, _param_shapes(model))}
+  variables = convert.load_model_variables(path, {"params": _param_shapes(model)})
   predict = jax.jit(lambda v, b: model.apply(v, b, method="predict", capture_intermediates=True,
                                              mutable=["intermediates"]))
   b = len(orig)
@@ -377,7 +377,8 @@ def test_vgg16_backbone_matches_torchvision_features(tmp_path):
   shapes = jax.eval_shape(lambda k: backbone.init(k, jnp.asarray(x)), jax.random.key(0))["params"]
   rng = np.random.default_rng(1)
   init = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.01, shapes)
-  params = convert.load_backbone_params(pth, {"backbone": init, "head": {}})["backbone"]
+  params = convert.load_backbone_variables(
+      pth, {"params": {"backbone": init, "head": {}}})["params"]["backbone"]
   for name in ("fc6", "fc7", "conv4_3_norm"):  # not in an ImageNet VGG16: kept as they were
     jax.tree.map(np.testing.assert_array_equal, params[name], init[name])
 
@@ -405,7 +406,7 @@ def test_vgg16_backbone_matches_torchvision_features(tmp_path):
   # The command line writes the same backbone to an .npz, loadable without torch.
   npz = tmp_path / "vgg16.npz"
   convert_main(["vgg16", str(pth), str(npz)])
-  again = convert.load_backbone_params(npz, {"backbone": init})["backbone"]
+  again = convert.load_backbone_variables(npz, {"params": {"backbone": init}})["params"]["backbone"]
   jax.tree.map(np.testing.assert_array_equal, _to_numpy(again), _to_numpy(params))
 
 
@@ -417,11 +418,11 @@ def test_vgg16_backbone_matches_torchvision_features(tmp_path):
 def test_npz_round_trip_and_command_line(tv_ssd, tmp_path, capsys):
   _, path = tv_ssd
   shapes = _param_shapes(_ssd())
-  from_pth = convert.load_model_params(path, shapes)
+  from_pth = convert.load_model_variables(path, {"params": shapes})["params"]
   out = tmp_path / "ssd300.npz"
   convert_main(["ssd300_vgg16", str(path), str(out)])
   assert "num_classes=3" in capsys.readouterr().out
-  from_npz = convert.load_model_params(out, shapes)
+  from_npz = convert.load_model_variables(out, {"params": shapes})["params"]
   jax.tree.map(np.testing.assert_array_equal, from_npz, from_pth)
   saved = tmp_path / "params"  # no suffix added behind the caller's back
   convert.save_params_npz(saved, from_pth)
@@ -432,7 +433,7 @@ def test_npz_round_trip_and_command_line(tv_ssd, tmp_path, capsys):
 def test_loaded_arrays_keep_the_models_dtype_and_sharding(tv_ssd):
   _, path = tv_ssd
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _param_shapes(_ssd()))
-  loaded = convert.load_model_params(path, params)
+  loaded = convert.load_model_variables(path, {"params": params})["params"]
   leaf = loaded["head"]["cls_0"]["kernel"]
   assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
   assert leaf.sharding == params["head"]["cls_0"]["kernel"].sharding
@@ -456,7 +457,7 @@ def test_shape_mismatch_names_the_parameter(tv_ssd):
   _, path = tv_ssd
   with pytest.raises(ValueError, match=r"head/cls_0/kernel: model \(3, 3, 512, 24\), "
                                        r"file \(3, 3, 512, 16\)"):
-    convert.load_model_params(path, _param_shapes(_ssd(num_classes=5)))
+    convert.load_model_variables(path, {"params": _param_shapes(_ssd(num_classes=5))})
 
 
 def test_missing_and_unexpected_names_are_listed(tv_ssd, tmp_path):
@@ -465,20 +466,21 @@ def test_missing_and_unexpected_names_are_listed(tv_ssd, tmp_path):
   del state["backbone.extra.2.2.weight"]
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "cut.pth")
   with pytest.raises(KeyError, match=r"backbone\.extra\.2\.2\.weight"):
-    convert.load_model_params(tmp_path / "cut.pth", _param_shapes(_ssd()))
+    convert.load_model_variables(tmp_path / "cut.pth", {"params": _param_shapes(_ssd())})
 
-  flat = convert.flatten_params(convert.load_model_params(path, _param_shapes(_ssd())))
+  flat = convert.flatten_params(
+      convert.load_model_variables(path, {"params": _param_shapes(_ssd())})["params"])
   del flat["backbone/conv9_2/kernel"]
   flat["head/cls_6/kernel"] = np.zeros((3, 3, 256, 16), np.float32)
   convert.save_params_npz(tmp_path / "odd.npz", convert.unflatten_params(flat))
   with pytest.raises(ValueError, match=r"(?s)missing from the file \(1\): backbone/conv9_2/kernel"
                                        r".*unexpected, not in the model \(1\): head/cls_6/kernel"):
-    convert.load_model_params(tmp_path / "odd.npz", _param_shapes(_ssd()))
+    convert.load_model_variables(tmp_path / "odd.npz", {"params": _param_shapes(_ssd())})
   # A backbone without the extra layers cannot take SSD300's conv8_1 .. conv11_2.
   no_extras = jax.eval_shape(lambda k: VGG16(extras=()).init(k, jnp.zeros((1, SIZE, SIZE, 3))),
                              jax.random.key(0))["params"]
   with pytest.raises(ValueError, match=r"unexpected, not in the model \(16\): backbone/conv10_1"):
-    convert.load_backbone_params(path, {"backbone": no_extras})
+    convert.load_backbone_variables(path, {"params": {"backbone": no_extras}})
 
 
 # A pickle whose loading would call this function: weights_only must refuse it.
@@ -512,7 +514,7 @@ def test_unknown_formats_and_layouts_are_refused(tmp_path):
     convert.read_state_dict(tmp_path / "x.ckpt")
   np.savez(tmp_path / "x.npz", **{"fc.weight": np.zeros((2, 2))})
   with pytest.raises(ValueError, match="unknown state dict layout"):
-    convert.load_model_params(tmp_path / "x.npz", {})
+    convert.load_model_variables(tmp_path / "x.npz", {"params": {}})
 
 
 def test_safetensors(tmp_path):
