@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from jdet import optim, parallel
-from jdet.checkpoint import Checkpointer, StopRequest
+from jdet.checkpoint import CheckpointDamagedError, Checkpointer, StopRequest
 from jdet.data import builder, pipeline
 from jdet.evaluation import loop as eval_loop
 from jdet.metrics import MetricWriter, ProgressBar
@@ -120,7 +120,13 @@ def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.nda
       state = state.replace(params=variables["params"],
                             batch_stats=variables.get("batch_stats", state.batch_stats))
       return parallel.replicate(state.variables, mesh), None
-    state = ckpt.restore(parallel.replicate(state, mesh), step=step)
+    try:
+      state = ckpt.restore(parallel.replicate(state, mesh), step=step)
+    except CheckpointDamagedError as e:
+      others = [s for s in ckpt.all_steps() if s != e.step]
+      raise CheckpointDamagedError(
+          e.step, e.path, f"{e.problem}. Not evaluated; other steps: {others or 'none'} "
+          f"(--step N); train.py moves a damaged step aside when it resumes") from None
     return state.variables, int(state.step)
   finally:
     ckpt.close()
@@ -239,14 +245,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
                       keep_best=int(tc.keep_best), best_metric="AP")
   writer = MetricWriter(workdir, enabled=is_main)
   if ckpt.latest_step() is not None:
-    try:
-      state = ckpt.restore(state, data_iterator=data_iter)
-    except (KeyError, ValueError, TypeError) as e:
-      raise RuntimeError(
-          f"cannot resume from checkpoint {ckpt.latest_step()} in {ckpt.directory}: its saved "
-          f"state does not fit this run ({type(e).__name__}: {e}). The model, optimiser and "
-          f"input pipeline must match the run that saved it; data.num_workers in particular "
-          f"must stay the same across a resume. Use a new --workdir to start afresh.") from e
+    # Verified: a damaged newest step is moved aside and the previous one used; a
+    # checkpoint of another model or optimiser is a CheckpointMismatchError.
+    state = ckpt.restore_latest_intact(state, data_iterator=data_iter)
     log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
   start = int(state.step)
   writer.truncate_after(start)

@@ -1,6 +1,8 @@
-"""jdet.checkpoint: state + grain iterator round trips, retention, stop signals."""
+"""jdet.checkpoint: state + grain iterator round trips, retention, stop signals, damaged and
+mismatched checkpoints."""
 
 import os
+import shutil
 import signal
 
 import grain
@@ -8,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jdet import optim
-from jdet.checkpoint import Checkpointer, StopRequest
+from jdet.checkpoint import (CheckpointDamagedError, Checkpointer, CheckpointMismatchError,
+                             StopRequest)
 from jdet.train_state import TrainState
 
 
@@ -132,3 +136,138 @@ def test_stop_request_on_sigterm_and_second_sigint():
     os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C only sets the flag
     assert stop.requested and stop.signal == signal.SIGINT
   assert signal.getsignal(signal.SIGINT) is before_int
+
+
+# ----------------------------------------------------------------------------
+# Damaged and mismatched checkpoints.
+# ----------------------------------------------------------------------------
+
+
+def _big_state(seed: int) -> dict:
+  """A state with one array large enough to be stored compressed in its own data file."""
+  rng = np.random.default_rng(seed)
+  return {"params": {"w": jnp.asarray(rng.normal(size=(128, 128)).astype(np.float32)),
+                     "b": jnp.asarray(rng.normal(size=(7,)).astype(np.float32))},
+          "step": jnp.asarray(seed, jnp.int32)}
+
+
+def _largest_file(folder) -> str:
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(int(size * keep))
+
+
+def _flip_bytes(path, count: int = 3) -> None:
+  """Inverts ``count`` bytes in the middle of ``path``."""
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    for k in range(count):
+      f.seek(size // 2 + 13 * k)
+      byte = f.read(1)[0]
+      f.seek(size // 2 + 13 * k)
+      f.write(bytes([byte ^ 0xFF]))
+
+
+def _damage(step_dir, kind: str) -> str:
+  """Damages the checkpoint folder ``step_dir`` as ``kind``; returns what the error must name."""
+  state_dir = os.path.join(step_dir, "state")
+  if kind == "truncated array file":
+    _truncate(_largest_file(os.path.join(state_dir, "ocdbt.process_0")))
+    return "state"
+  if kind == "flipped bytes":
+    _flip_bytes(_largest_file(os.path.join(state_dir, "ocdbt.process_0")))
+    return "leaf params/w"
+  if kind == "truncated _METADATA":
+    _truncate(os.path.join(state_dir, "_METADATA"))
+    return "_METADATA"
+  if kind == "truncated iterator JSON":
+    _truncate(os.path.join(step_dir, "data", "process_0-of-1.json"))
+    return "process_0-of-1.json"
+  if kind == "flipped iterator JSON digit":
+    path = os.path.join(step_dir, "data", "process_0-of-1.json")
+    text = open(path).read()
+    i = max(k for k, c in enumerate(text) if c.isdigit())
+    open(path, "w").write(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+    return "process_0-of-1.json"
+  if kind == "removed state folder":
+    shutil.rmtree(state_dir)
+    return "state"
+  raise ValueError(kind)
+
+
+DAMAGE = ("truncated array file", "flipped bytes", "truncated _METADATA",
+          "truncated iterator JSON", "flipped iterator JSON digit", "removed state folder")
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_path, kind):
+  it = iter(_dataset())
+  for _ in range(3):
+    next(it)
+  with Checkpointer(tmp_path, keep_last=3) as ckpt:
+    ckpt.save(1, _big_state(1), data_iterator=it)
+    after_1 = next(it)  # the batch a resume from step 1 must give first
+    ckpt.save(2, _big_state(2), data_iterator=it)
+  named = _damage(str(tmp_path / "2"), kind)
+
+  with Checkpointer(tmp_path, keep_last=3) as ckpt:
+    with pytest.raises(CheckpointDamagedError) as excinfo:  # what eval.py does: refuse
+      ckpt.restore(_big_state(0), step=2, data_iterator=iter(_dataset()))
+    assert excinfo.value.step == 2 and named in str(excinfo.value), str(excinfo.value)
+    assert ckpt.all_steps() == [1, 2]  # a plain restore moves nothing
+
+    fresh = iter(_dataset())
+    restored = ckpt.restore_latest_intact(_big_state(0), data_iterator=fresh)
+    _assert_same(restored, _big_state(1))
+    np.testing.assert_array_equal(next(fresh), after_1)
+    assert ckpt.all_steps() == [1]
+    assert ckpt.latest_step() == 1
+  # Moved, not deleted: the damaged step's files are kept for inspection.
+  assert not (tmp_path / "2").exists()
+  assert (tmp_path / "damaged" / "2" / "data").is_dir()
+
+
+def test_flipped_bytes_would_load_silently_without_checksums(tmp_path):
+  """The reason for the checksums: orbax itself reads flipped bytes without an error."""
+  state = _big_state(1)
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state)
+  _damage(str(tmp_path / "1"), "flipped bytes")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  raw = ocp.StandardCheckpointer().restore(tmp_path / "1" / "state", abstract)
+  assert np.any(np.asarray(raw["params"]["w"]) != np.asarray(state["params"]["w"]))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointDamagedError, match="do not match their checksum"):
+      ckpt.restore(_big_state(0))
+
+
+def test_every_step_damaged_is_an_error_that_says_so(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _big_state(1))
+  _damage(str(tmp_path / "1"), "removed state folder")
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointDamagedError, match="every checkpoint is damaged.*step 0"):
+      ckpt.restore_latest_intact(_big_state(0))
+    assert ckpt.all_steps() == []
+  assert (tmp_path / "damaged" / "1").is_dir()
+
+
+def test_another_model_is_a_mismatch_not_damage(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _big_state(1))
+  other = _big_state(0)
+  other["params"]["w"] = jnp.zeros((64, 128), jnp.float32)  # e.g. another class count
+  other["params"]["extra"] = jnp.zeros((3,), jnp.float32)
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointMismatchError) as excinfo:
+      ckpt.restore_latest_intact(other)
+    message = str(excinfo.value)
+    assert "params/w: [128, 128] float32 in the checkpoint, [64, 128] float32 in this run" in message
+    assert "params/extra" in message
+    assert ckpt.all_steps() == [1]  # nothing moved
+  assert not (tmp_path / "damaged").exists()
