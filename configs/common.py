@@ -69,7 +69,8 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
   """Splits a config argument ``"name[,key=value,...]"`` into the variant and its options.
 
   ``parse_variant("voc,root=data/VOCdevkit", ("coco", "voc"), default="coco")``
-  gives ``("voc", {"root": "data/VOCdevkit"})``; an empty argument gives
+  gives ``("voc", {"root": "data/VOCdevkit"})``; a bare word is a flag
+  (``"coco,r101"`` gives ``{"r101": "true"}``); an empty argument gives
   ``(default, {})``. An unknown variant or a malformed option raises a
   ValueError that lists the choices.
   """
@@ -78,9 +79,9 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
   options = {}
   for p in parts[1:] if parts and "=" not in parts[0] else parts:
     key, sep, value = p.partition("=")
-    if not sep or not key:
-      raise ValueError(f"config option {p!r} is not key=value (in {arg!r})")
-    options[key.strip()] = value.strip()
+    if not key or (sep and not key.strip()):
+      raise ValueError(f"config option {p!r} is not key=value or a flag (in {arg!r})")
+    options[key.strip()] = value.strip() if sep else "true"  # a bare word is a flag
   if name not in variants:
     raise ValueError(f"unknown config variant {name!r}; choose one of {list(variants)}")
   return name, options

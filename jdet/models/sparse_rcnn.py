@@ -306,6 +306,14 @@ class SparseRCNN(nn.Module):
 
   # --- Body, proposals, stages -------------------------------------------------
 
+  def __call__(self, image, image_size=None, *, train: bool = False) -> StageOutputs:
+    """``image [B, H, W, 3]`` (real sizes ``image_size [B, 2]``, default the whole
+    input) -> every stage's outputs (:meth:`stage_outputs`)."""
+    batch = {"image": image}
+    if image_size is not None:
+      batch["image_size"] = image_size
+    return self.stage_outputs(batch, train=train)
+
   def stage_outputs(self, batch, *, train: bool = False) -> StageOutputs:
     """Runs the body and every stage on ``batch["image"]`` -> :class:`StageOutputs`."""
     image = batch["image"]

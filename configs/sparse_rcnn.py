@@ -1,0 +1,152 @@
+"""Sparse R-CNN R50-FPN (Sun et al., CVPR 2021): learnable proposals, six dynamic stages.
+
+Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/coco,r101``):
+
+* (none) or ``coco``: the authors' R50-FPN, 100 proposals, 3x multi-scale
+  recipe on COCO: train2017 (images without boxes kept), shorter side one of
+  480..800 (step 32) with the longer at most 1333, flips; AdamW lr 2.5e-5 at
+  batch 16 (not scaled with the batch, as the authors), weight decay 1e-4,
+  gradient clipping at global norm 1, linear warm-up over 1000 steps from
+  0.01x, 270k steps with lr x0.1 at 210k and 250k; frozen BatchNorm, stem and
+  layer1 frozen, from ImageNet ResNet-50 weights. Published: 42.8 AP on val2017.
+
+    python train.py --config configs/sparse_rcnn.py:coco,root=data/coco \\
+        --workdir runs/sparse_rcnn --config.init.backbone=resnet50-0676ba61.pth
+
+* ``coco_300``: 300 proposals (and 300 detections per image). Published:
+  45.0 AP with the authors' extra crop augmentation, which jdet's R-CNN recipe
+  does not have yet (see the README's status): expect less.
+* Options: ``r101`` (ResNet-101: 44.1 / 46.4 AP published for 100 / 300
+  proposals; start from ``resnet101`` ImageNet weights), ``1x``
+  (MMDetection's single-scale 1x: shorter side 800, 12 epochs, lr x0.1 after
+  epochs 8 and 11, warm-up 500 steps from 0.001x, its clamp of +-4.135;
+  published 37.9 AP), ``batch=N``, ``root=DIR``, ``matcher=jax``.
+
+  Evaluating MMDetection's model-zoo weights (converted on the fly; see
+  ``jdet.convert``):
+
+    python eval.py --config configs/sparse_rcnn.py:coco,root=data/coco,1x \\
+        --workdir runs/sparse_rcnn_mmdet \\
+        --config.init.weights=sparse-rcnn_r50_fpn_1x_coco_20201222_214453-dc79b137.pth
+
+* ``shapes``: the CPU quick start, from scratch on the generated shapes
+  (5 classes, 128x128): a narrow ResNet-18 with BatchNorm, FPN and proposal
+  features of 64, 50 proposals, six stages, AdamW 2.5e-4 with cosine decay,
+  batch 16. On a 2-core CPU:
+
+    python train.py --config configs/sparse_rcnn.py:shapes --workdir runs/sparse_shapes
+    python eval.py  --config configs/sparse_rcnn.py:shapes --workdir runs/sparse_shapes
+
+  What it reaches is in the README's results table (target: AP 0.65 and
+  AP50 0.90 within 60 minutes of training).
+
+* ``smoke``: a tiny network, a few steps on a few 64x64 generated images;
+  seconds (used by the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from configs import common
+
+# train2017 with the images without boxes (the authors keep them): 7,393 steps per epoch at 16.
+COCO_TRAIN_IMAGES_ALL = 118_287
+COCO_TRAIN_IMAGES = 117_266  # with at least one box (MMDetection's filter_empty_gt)
+COCO_CANVAS = (1344, 1344)
+COCO_BUCKETS = ((832, 1344), (1344, 832))
+# The authors' multi-scale training: shorter side one of 480, 512, ..., 800.
+MULTI_SCALES = tuple((s, 1333) for s in range(480, 801, 32))
+
+
+def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
+  """The model section: the authors' R50-FPN settings with ``overrides``."""
+  section = dict(
+      num_classes=num_classes, depth=50, widths=(64, 128, 256, 512), stem_width=64,
+      norm="frozen_bn", frozen_stages=1, fpn_channels=256, num_proposals=100, num_stages=6,
+      num_heads=8, dim_feedforward=2048, dim_dynamic=64, num_cls_fcs=1, num_reg_fcs=3,
+      dropout=0.0, scale_clamp=math.log(100000.0 / 16), symmetric_clamp=False,
+      class_weight=2.0, l1_weight=5.0, giou_weight=2.0, cost_eps=1e-8, matcher="host",
+      max_detections=100)
+  unknown = sorted(set(overrides) - set(section))
+  if unknown:
+    raise ValueError(f"unknown model options {unknown}")
+  return ml_collections.ConfigDict({**section, **overrides})
+
+
+def optim(*, lr: float, milestones, warmup_steps: int = 1000,
+          warmup_factor: float = 0.01) -> ml_collections.ConfigDict:
+  """AdamW (0.9, 0.999, 1e-8), weight decay 1e-4 on every trainable parameter, clipping
+  at global norm 1, linear warm-up, steps of 0.1 (the authors' solver)."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
+      decay_bias_and_norm=True, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
+      schedule="step", warmup_steps=warmup_steps, warmup_factor=warmup_factor,
+      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=()))
+
+
+def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -> None:
+  batch = int(options.get("batch", 16))
+  one_x = "1x" in options
+  depth = 101 if "r101" in options else 50
+  config.model = model(80, depth=depth, num_proposals=proposals, max_detections=proposals,
+                       matcher=options.get("matcher", "host"))
+  if one_x:  # MMDetection's sparse-rcnn_r50_fpn_1x_coco
+    config.model.update(symmetric_clamp=True, scale_clamp=math.log(1000.0 / 16), cost_eps=1e-12)
+    scales, mode = ((800, 1333),), "value"
+    per_epoch = math.ceil(COCO_TRAIN_IMAGES / batch)
+    num_steps, milestones = 12 * per_epoch, (8 * per_epoch, 11 * per_epoch)
+    config.optim = optim(lr=2.5e-5, milestones=milestones, warmup_steps=500, warmup_factor=0.001)
+  else:  # the authors' 3x multi-scale recipe, in iterations at batch 16
+    scales, mode = MULTI_SCALES, "value"
+    scale = 16 / batch
+    num_steps = round(270_000 * scale)
+    config.optim = optim(lr=2.5e-5, milestones=(round(210_000 * scale), round(250_000 * scale)))
+  config.data = common.data_config(
+      common.coco_data(options.get("root", "data/coco"), train_keep_empty=not one_x),
+      common.rcnn_augment(scales, canvas=COCO_CANVAS, buckets=COCO_BUCKETS, mode=mode,
+                          test_scale=(800, 1333)),
+      batch_size=batch, eval_batch_size=batch, num_workers=8, group_by_aspect=True)
+  config.train = common.train(num_steps=num_steps, eval_every=num_steps // 12,
+                              checkpoint_every=5000)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, options = common.parse_variant(arg, ("coco", "coco_300", "shapes", "smoke"),
+                                          default="coco")
+  # Flag-like options (``r101``, ``1x``) are given without a value.
+  config = ml_collections.ConfigDict()
+  config.model_name = "sparse_rcnn"
+  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
+  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+
+  if variant in ("coco", "coco_300"):
+    _coco(config, options, proposals=300 if variant == "coco_300" else 100)
+  elif variant == "shapes":
+    config.model = model(
+        5, depth=18, widths=(16, 32, 64, 128), stem_width=16, norm="batch", frozen_stages=-1,
+        fpn_channels=64, num_proposals=50, num_heads=4, dim_feedforward=256, dim_dynamic=16,
+        max_detections=50, matcher=options.get("matcher", "host"))
+    config.data = common.data_config(
+        common.shapes_quickstart_data(options),
+        common.rcnn_augment(((128, 128),), canvas=(128, 128)),
+        batch_size=16, eval_batch_size=32, max_boxes=16, num_workers=1)
+    config.optim = optim(lr=2.5e-4, milestones=(), warmup_steps=200)
+    config.optim.update(schedule="cosine", min_lr_ratio=0.01)
+    config.train = common.train(num_steps=int(options.get("steps", 4000)), log_every=25,
+                                eval_every=500, checkpoint_every=500)
+  else:  # smoke
+    config.model = model(
+        5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch", frozen_stages=-1,
+        fpn_channels=16, num_proposals=10, num_stages=2, num_heads=2, dim_feedforward=32,
+        dim_dynamic=4, max_detections=20)
+    config.data = common.data_config(
+        common.shapes_data(image_size=64, num_train=16, num_val=8),
+        common.rcnn_augment(((64, 64),), canvas=(64, 64)),
+        batch_size=4, eval_batch_size=4, max_boxes=8)
+    config.optim = optim(lr=1e-3, milestones=(), warmup_steps=2)
+    config.train = common.train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
+    config.eval.num_draw = 4
+  return config
