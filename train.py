@@ -5,11 +5,18 @@ Options of the config are overridden on the command line
 holds a checkpoint resumes from it. Several hosts: start the same command on
 each with ``--distributed`` (and ``--coordinator_address``, ``--num_processes``,
 ``--process_id`` where the cluster does not provide them).
+
+Exit status: 0 when the run reached ``train.num_steps``; after SIGTERM (or a
+first Ctrl-C) the program saves a checkpoint and exits with ``128 + signal``
+(143 for SIGTERM, 130 for SIGINT), as a shell reports a job killed by that
+signal, so that a scheduler restarts the preempted job; 1 on an error.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 
 from absl import app, flags
 
@@ -22,6 +29,11 @@ def main(argv) -> None:
   cli.start(argv)
   from jdet import training
   result = training.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  if result["stopped"]:
+    code = 128 + int(result["signal"])
+    logging.warning("stopped by %s at step %d (checkpoint saved); exiting with status %d",
+                    signal.Signals(result["signal"]).name, result["step"], code)
+    sys.exit(code)
   if result["eval"]:
     logging.info("final evaluation: %s", {k: round(float(result["eval"][k]), 4)
                                           for k in ("AP", "AP50", "AP75") if k in result["eval"]})

@@ -10,17 +10,24 @@
 3. **Model and optimiser**: ``jdet.build_model(config.model_name,
    **config.model)``, initial weights from ``config.init``, the optax
    optimiser of ``config.optim``.
-4. **Resume**: the latest checkpoint in ``workdir/checkpoints``, if any
-   (state, RNG, data position); the metrics log is cut back to that step.
+4. **Resume**: the newest intact checkpoint in ``workdir/checkpoints``, if any
+   (state, RNG, data position), verified against its checksums; a damaged
+   newer one is moved to ``checkpoints/damaged/`` (see :mod:`jdet.checkpoint`).
+   The metrics log is cut back to that step.
 5. **Loop**: one jitted update that donates its state. Every ``log_every``
    steps the metrics go to ``workdir/metrics.jsonl`` and TensorBoard; every
    ``eval_every`` steps the model is evaluated (COCO AP) and every
    ``checkpoint_every`` steps a checkpoint is saved asynchronously (with the
-   AP, so the best one is kept). SIGTERM / SIGINT save a checkpoint and stop
-   cleanly. A non-finite loss stops the run with :class:`NonFiniteLossError`
-   naming the step and the loss terms; the update of that step is skipped on
-   the device, and no checkpoint is written after it, so the last checkpoint
-   is the last good state.
+   AP, so the best one is kept). An interval of 0 is "off"; the last step is
+   always logged and saved. SIGTERM / SIGINT save a checkpoint and stop
+   cleanly (:class:`TrainResult` ``stopped`` and ``signal``; ``train.py`` then
+   exits with ``128 + signal``). A non-finite loss stops the run with
+   :class:`NonFiniteLossError` naming the step, the loss terms and the
+   checkpoint that holds the last good state (or that none was saved yet);
+   the update of that step is skipped on the device, and no checkpoint is
+   written after it.
+
+The config is checked first (:func:`check_config`), before anything is built.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from jdet.models import build_model
 from jdet.train_state import TrainState
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "init_state",
-           "load_initial_weights", "restore_for_eval", "TrainResult"]
+           "load_initial_weights", "restore_for_eval", "TrainResult", "check_config"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainResult(dict):
   """What :func:`train_and_evaluate` returns: ``step``, ``state``, ``eval`` (last
-  evaluation metrics), ``stopped`` (True if a signal ended the run early)."""
+  evaluation metrics), ``stopped`` (True if a signal ended the run early) and
+  ``signal`` (the number of that signal, else None)."""
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +103,9 @@ def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_step
   variables = _model_variables(model, sample_batch, int(config.train.seed))
   if load_weights:
     variables = load_initial_weights(variables, config.get("init"))
-  tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps)
+  # The model's frozen parameters (e.g. frozen ResNet stages) follow its fields.
+  tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps,
+                                       frozen=model.frozen_parameters())
   state = TrainState.create(params=variables["params"], batch_stats=variables.get("batch_stats", {}), tx=tx,
                             rng=jax.random.key(int(config.train.seed) + 1))
   return state, schedule
@@ -142,13 +152,14 @@ def make_train_step(model, schedule: Callable) -> Callable:
 
   def train_step(state: TrainState, batch):
     state, key = state.next_rng()
+    dropout_key, sampling_key = jax.random.split(key)
     mutable = ["batch_stats"] if state.batch_stats else False
 
     def loss_fn(params):
       variables = {"params": params}
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-      out = model.apply(variables, batch, method="loss", train=True, rngs={"dropout": key},
+      out = model.apply(variables, batch, method="loss", train=True, rngs={"dropout": dropout_key, "sampling": sampling_key},
                         mutable=mutable)
       (loss, metrics), updates = out if mutable else (out, {})
       return loss, (metrics, updates)
@@ -167,14 +178,67 @@ def make_train_step(model, schedule: Callable) -> Callable:
   return train_step
 
 
-def _check_finite(history: list[tuple[int, dict[str, float]]]) -> None:
+def _check_finite(history: list[tuple[int, dict[str, float]]], *, last_saved: int | None,
+                  directory: str) -> None:
+  """Raises :class:`NonFiniteLossError` at the first step of ``history`` whose update was
+  skipped; ``last_saved`` is the newest checkpoint step of the run (None: none yet)."""
   for step, m in history:
     if not m.get("finite", 1.0):
       terms = ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k not in ("finite",))
+      if last_saved is None:
+        saved = (f"no checkpoint was saved before it, so starting again begins at step 0 "
+                 f"(train.checkpoint_every sets how often one is saved)")
+      else:
+        saved = f"checkpoint {last_saved} in {directory} holds the last good state"
       raise NonFiniteLossError(
           f"non-finite loss at step {step}: {terms}. The update was skipped and nothing was saved "
-          f"after it; the last checkpoint holds the last good state. Lower optim.lr, set "
-          f"optim.clip_norm, or check the input batch.")
+          f"after it; {saved}. Lower optim.lr, set optim.clip_norm, or check the input batch.")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_config(config, *, num_devices: int) -> None:
+  """Checks the ``train`` section and the sizes of the ``data`` section at start-up.
+
+  Intervals (``train.log_every``, ``checkpoint_every``, ``eval_every``) are
+  integers ``>= 0``, where 0 is "off" (the last step is still logged and
+  saved); counts that must be positive are. Raises
+  :class:`jdet.data.builder.ConfigError` naming the field.
+  """
+  def field(section: str, name: str, minimum: int, meaning: str = "") -> int:
+    where = f"config field {section}.{name}"
+    if name not in config[section]:
+      raise builder.ConfigError(f"{where} is missing")
+    value = config[section][name]
+    if not _is_int(value) or value < minimum:
+      raise builder.ConfigError(f"{where} must be an integer >= {minimum}{meaning}, "
+                                f"got {value!r}")
+    return int(value)
+
+  for section in ("train", "data"):
+    if section not in config:
+      raise builder.ConfigError(f"config section {section} is missing")
+  field("train", "num_steps", 1)
+  for name in ("log_every", "checkpoint_every", "eval_every"):
+    field("train", name, 0, " (0: off)")
+  field("train", "keep_checkpoints", 1, " (the latest checkpoint is needed to resume)")
+  field("train", "keep_best", 0, " (0: none)")
+  if "eval_max_images" in config.train:
+    field("train", "eval_max_images", 0, " (0: all)")
+  batch = field("data", "batch_size", 1)
+  if batch % num_devices:
+    raise builder.ConfigError(f"config field data.batch_size={batch} does not divide over "
+                              f"{num_devices} devices")
+  if batch % jax.process_count():
+    raise builder.ConfigError(f"config field data.batch_size={batch} does not divide over "
+                              f"{jax.process_count()} processes")
+  field("data", "max_boxes", 1)
+  if "eval_batch_size" in config.data:
+    field("data", "eval_batch_size", 1)
+  if "num_workers" in config.data:
+    field("data", "num_workers", 0, " (0: read in the training process)")
 
 
 def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -211,15 +275,15 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
     A :class:`TrainResult`.
   """
   tc = config.train
-  num_steps = int(tc.num_steps)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-
   # --- Devices -----------------------------------------------------------------
   mesh = parallel.make_mesh(devices)
+  check_config(config, num_devices=mesh.size)  # before anything is built or compiled
+  num_steps = int(tc.num_steps)
+  log_every, eval_every = int(tc.log_every), int(tc.eval_every)
+  checkpoint_every = int(tc.checkpoint_every)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
   global_batch = int(config.data.batch_size)
-  if global_batch % mesh.size:
-    raise ValueError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices")
   local_batch = parallel.local_batch_size(global_batch)
 
   # --- Data --------------------------------------------------------------------
@@ -268,6 +332,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   history: list[tuple[int, dict]] = []  # per-step device metrics since the last log
   last_eval: dict[str, Any] = {}
   stopped = False
+  last_saved = start if start > 0 else None  # the newest checkpoint of the run
   t_log, n_log = time.time(), 0
   try:
     with mesh_context(mesh), StopRequest() as stop:
@@ -280,14 +345,15 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
         n_log += 1
 
         is_last = step == end
-        do_eval = tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps)
-        do_ckpt = (step % int(tc.checkpoint_every) == 0) or is_last or do_eval
-        do_log = step % int(tc.log_every) == 0 or is_last or do_ckpt
+        # An interval of 0 is "off"; the last step is always logged and saved.
+        do_eval = eval_every > 0 and (step % eval_every == 0 or step == num_steps)
+        do_ckpt = (checkpoint_every > 0 and step % checkpoint_every == 0) or is_last or do_eval
+        do_log = (log_every > 0 and step % log_every == 0) or is_last or do_ckpt
         stop_now = stop.requested_on_any_process()
         if do_log or stop_now:
           host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
           history.clear()
-          _check_finite(host)
+          _check_finite(host, last_saved=last_saved, directory=str(ckpt.directory))
           dt = time.time() - t_log
           scalars = _mean_metrics(host)
           scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
@@ -304,6 +370,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
         if do_ckpt or stop_now:
           ckpt.save(step, state, data_iterator=data_iter,
                     metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
+          last_saved = step
         if stop_now:
           log.warning("stopping at step %d after a signal; checkpoint saved", step)
           stopped = True
@@ -314,7 +381,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped)
+  return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped,
+                     signal=stop.signal if stopped else None)
 
 
 def _eval_scalars_plain(metrics: dict[str, Any]) -> dict[str, float]:
