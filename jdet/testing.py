@@ -1,6 +1,8 @@
-"""Helpers for jdet's tests (and for users testing their own ops).
+"""Helpers for users testing their own ops (and for jdet's tests and benchmarks).
 
-These live in the package so that tests import them instead of copying them.
+Retrace checks (:class:`TraceCounter`, :func:`assert_traces_once`) and random
+valid boxes (:func:`random_boxes`). Helpers that only jdet's own tests use
+live in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -48,53 +50,11 @@ def assert_traces_once(fn: Callable[..., Any], *arg_sets: tuple, **jit_kwargs) -
   return outs
 
 
-def random_boxes(rng: np.random.Generator, n: int, *, size: float = 512.0,
+def random_boxes(rng: np.random.Generator, n: int, *, size: float | Sequence[float] = 512.0,
                  min_side: float = 1.0, max_side: float = 200.0) -> np.ndarray:
-  """``[n, 4]`` float32 valid xyxy boxes inside a ``size`` x ``size`` image."""
+  """``[n, 4]`` float32 valid xyxy boxes inside an image of ``size`` (a side, or ``(h, w)``),
+  with sides uniform in ``[min_side, max_side]``."""
+  h, w = (size, size) if np.isscalar(size) else size
   wh = rng.uniform(min_side, max_side, size=(n, 2))
-  x1y1 = rng.uniform(0.0, 1.0, size=(n, 2)) * np.maximum(size - wh, 0.0)
+  x1y1 = rng.uniform(0.0, 1.0, size=(n, 2)) * np.maximum(np.array([w, h]) - wh, 0.0)
   return np.concatenate([x1y1, x1y1 + wh], axis=1).astype(np.float32)
-
-
-def write_image(path, h: int, w: int, *, seed: int = 0, orientation: int | None = None) -> None:
-  """Writes an ``h x w`` PNG of random pixels, with an EXIF ``orientation`` if given."""
-  from PIL import Image
-
-  pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)
-  kw = {}
-  if orientation:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    kw["exif"] = exif.tobytes()
-  Image.fromarray(pixels).save(path, "PNG", **kw)
-
-
-def assert_resumes_through_orbax(make_iterator: Callable[[], Any], steps: int, directory,
-                                 keys: Sequence[str]) -> None:
-  """Asserts that a data iterator saved by orbax after ``steps`` batches and
-  restored into a fresh one (``make_iterator()``) gives the same next batch."""
-  import grain
-  import orbax.checkpoint as ocp
-
-  it = make_iterator()
-  for _ in range(steps):
-    next(it)
-  with ocp.CheckpointManager(directory) as mngr:
-    mngr.save(steps, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-  expected = next(it)
-  fresh = make_iterator()
-  with ocp.CheckpointManager(directory) as mngr:
-    mngr.restore(steps, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-  got = next(fresh)
-  for k in keys:
-    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
-
-
-def best_iou_per_object(anchors, boxes_per_image: Sequence[np.ndarray]) -> np.ndarray:
-  """``[N]`` the highest IoU of each object with any of ``anchors [A, 4]`` (xyxy), over
-  the images' ground-truth boxes ``[M_i, 4]`` (images without objects add nothing)."""
-  from jdet import boxes as box_lib
-
-  return np.concatenate([np.asarray(box_lib.iou(g, anchors)).max(axis=1)
-                         for g in boxes_per_image if len(g)])

@@ -24,6 +24,7 @@ from PIL import Image
 from jdet.data import builder
 
 from configs import ssd300 as ssd300_config
+from tests.helpers import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +58,6 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _checkpoint_steps(workdir) -> list[int]:
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-
-
 def _assert_png(path) -> None:
   with Image.open(path) as image:
     assert image.format == "PNG"
@@ -78,7 +75,7 @@ def test_smoke_train_then_eval(tmp_path, compile_cache):
 
   num_steps, every = int(config.train.num_steps), int(config.train.checkpoint_every)
   assert every < num_steps
-  assert _checkpoint_steps(workdir) == list(range(every, num_steps + 1, every))
+  assert checkpoint_steps(workdir) == list(range(every, num_steps + 1, every))
   logged = _jsonl(workdir / "metrics.jsonl")
   assert [m["step"] for m in logged if "loss" in m] == list(range(1, num_steps + 1))
   train_eval = [m for m in logged if "eval/AP" in m]
@@ -134,7 +131,7 @@ def test_other_detectors_smoke_train_then_eval(tmp_path, compile_cache, name):
   spec = f"configs/{name}.py:smoke"
   _run("train.py", "--workdir", str(workdir), env=env, config=spec, timeout=600)
   num_steps = int(config.train.num_steps)
-  assert _checkpoint_steps(workdir)[-1] == num_steps
+  assert checkpoint_steps(workdir)[-1] == num_steps
   logged = _jsonl(workdir / "metrics.jsonl")
   losses = [m for m in logged if "loss" in m]
   assert [m["step"] for m in losses] == list(range(1, num_steps + 1))
@@ -201,7 +198,7 @@ def test_two_processes_on_localhost(tmp_path, compile_cache):
   assert all(np.isfinite(m["loss"]) and m["num_pos"] > 0 for m in train_lines)
   train_eval = [m for m in logged if "eval/AP" in m]
   assert [m["step"] for m in train_eval] == [num_steps]
-  assert _checkpoint_steps(workdir)[-1] == num_steps
+  assert checkpoint_steps(workdir)[-1] == num_steps
 
   # One process, one device, restores what two processes saved and evaluates it alike.
   _run("eval.py", "--workdir", str(workdir), env=_env(1, compile_cache))

@@ -25,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jdet import training
 
 from configs import ssd300 as ssd300_config
+from tests.helpers import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +71,6 @@ def _read_metrics(workdir) -> list[dict]:
   return [m for m in lines if "loss" in m]
 
 
-def _checkpoint_steps(workdir) -> list[int]:
-  """The committed checkpoint steps (orbax writes ``<step>`` only once a save is complete)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 def _host_params(result) -> dict:
   return jax.tree.map(np.asarray, result["state"].params)
 
@@ -116,7 +109,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
   whole_dir, split_dir = tmp_path / "whole", tmp_path / "split"
   whole = _train(_config(), whole_dir, num_devices=1)
   part = _train(_config(), split_dir, num_devices=1, max_steps=1)
-  assert part["step"] == 1 and _checkpoint_steps(split_dir)[-1] == 1  # saved at the end
+  assert part["step"] == 1 and checkpoint_steps(split_dir)[-1] == 1  # saved at the end
   resumed = _train(_config(), split_dir, num_devices=1)  # same workdir: resumes from step 1
   assert resumed["step"] == NUM_STEPS
   _assert_trees_close(_host_params(resumed), _host_params(whole), rtol=1e-5, atol=1e-7)
@@ -128,7 +121,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
   assert [m["step"] for m in lines] == [1, 2]  # each step exactly once
   for a, b in zip(lines, _read_metrics(whole_dir)):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-  assert _checkpoint_steps(split_dir)[-1] == NUM_STEPS
+  assert checkpoint_steps(split_dir)[-1] == NUM_STEPS
 
 
 def _wait_for_pending_saves(workdir, timeout: float = 60.0) -> None:
@@ -160,7 +153,7 @@ def test_non_finite_loss_stops_the_run(tmp_path):
   for term in ("loss", "cls_loss", "box_loss"):
     assert re.search(rf"\b{term}=(nan|-?inf)", message), message
   _wait_for_pending_saves(workdir)
-  steps = _checkpoint_steps(workdir)
+  steps = checkpoint_steps(workdir)
   # Nothing saved at or after the bad step; the one before it is the last good state.
   assert steps and max(steps) == bad_step - 1, steps
 
@@ -209,7 +202,7 @@ def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
   last = lines[-1]["step"]
   assert [m["step"] for m in lines] == list(range(1, last + 1))
   assert last < 100000
-  assert _checkpoint_steps(workdir) == [last]  # only the checkpoint of the signal
+  assert checkpoint_steps(workdir) == [last]  # only the checkpoint of the signal
 
   # Start again with a slightly longer schedule: it continues from the saved step.
   proc = _run(_train_cmd(workdir, f"--config.train.num_steps={last + 2}"), env=env, timeout=240)
@@ -217,4 +210,4 @@ def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
   lines = _read_metrics(workdir)
   assert [m["step"] for m in lines] == list(range(1, last + 3))
   assert all(np.isfinite(m["loss"]) for m in lines)
-  assert _checkpoint_steps(workdir)[-1] == last + 2
+  assert checkpoint_steps(workdir)[-1] == last + 2

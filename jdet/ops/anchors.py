@@ -5,9 +5,9 @@ Two families:
 * SSD default boxes (Liu et al. 2016), also used by RefineDet: per level a min
   size ``s_k`` (and optionally a max size ``s_{k+1}``) and a list of aspect
   ratios, centred at ``((j + offset) * step, (i + offset) * step)``.
-  :func:`ssd_default_boxes`, :func:`ssd_sizes`, the presets
-  :func:`ssd300_default_boxes`, :func:`ssd512_default_boxes` and
-  :func:`refinedet_anchors`.
+  :func:`ssd_default_boxes`, :func:`ssd_sizes`. The models build their
+  anchors from their own fields (``SSD``, ``RefineDet``); the papers' presets
+  (SSD300, SSD512, RefineDet320) are the tests' references, in ``tests/helpers.py``.
 * Grid anchors for RPN / FPN heads, as torchvision's ``AnchorGenerator`` makes
   them: zero-centred base anchors from sizes x ratios, rounded to integers,
   shifted by ``(x * stride, y * stride)``. :func:`grid_anchors`,
@@ -39,10 +39,8 @@ from jdet import boxes as box_ops
 
 __all__ = [
     "ssd_sizes", "ssd_default_boxes", "num_default_boxes_per_location",
-    "ssd300_default_boxes", "ssd512_default_boxes", "refinedet_anchors",
     "grid_anchors", "multilevel_grid_anchors", "num_anchors_per_location",
-    "SSD300_FEATURE_SIZES", "SSD300_STEPS", "SSD300_ASPECT_RATIOS",
-    "SSD512_FEATURE_SIZES", "SSD512_STEPS", "SSD512_ASPECT_RATIOS",
+    "SSD300_ASPECT_RATIOS",
 ]
 
 
@@ -198,80 +196,8 @@ def ssd_default_boxes(
   return _clip(xyxy, (img_h, img_w)) if clip else xyxy
 
 
-_SSD_SIZE_RULE = {
-    # (image size, dataset) -> (s_min, s_max, first), as in the released Caffe models.
-    (300, "voc"): (0.2, 0.9, 0.1),
-    (300, "coco"): (0.15, 0.9, 0.07),
-    (512, "voc"): (0.15, 0.9, 0.07),
-    (512, "coco"): (0.1, 0.9, 0.04),
-}
-
-
-def _ssd_preset(image_size: int, feature_sizes, steps, aspect_ratios, dataset: str,
-                clip: bool, clamp_size: bool) -> np.ndarray:
-  if (image_size, dataset) not in _SSD_SIZE_RULE:
-    raise ValueError(f"dataset must be 'voc' or 'coco', got {dataset!r}")
-  s_min, s_max, first = _SSD_SIZE_RULE[(image_size, dataset)]
-  min_sizes, max_sizes = ssd_sizes(image_size, len(feature_sizes), s_min, s_max, first)
-  return ssd_default_boxes(image_size, feature_sizes, steps, min_sizes, max_sizes,
-                           aspect_ratios, clip=clip, clamp_size=clamp_size)
-
-
-SSD300_FEATURE_SIZES = (38, 19, 10, 5, 3, 1)
-SSD300_STEPS = (8, 16, 32, 64, 100, 300)
+# SSD300's aspect ratios per level (the default of ``SSD.aspect_ratios``).
 SSD300_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
-SSD512_FEATURE_SIZES = (64, 32, 16, 8, 4, 2, 1)
-SSD512_STEPS = (8, 16, 32, 64, 128, 256, 512)
-SSD512_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
-
-
-def ssd300_default_boxes(dataset: str = "voc", *, clip: bool = False,
-                         clamp_size: bool = False) -> np.ndarray:
-  """The 8732 default boxes of SSD300 (VGG16), ``[8732, 4]`` float32 xyxy.
-
-  Feature maps 38, 19, 10, 5, 3, 1 with steps 8, 16, 32, 64, 100, 300 and
-  ratios [2], [2, 3], [2, 3], [2, 3], [2], [2]. ``dataset="voc"``: min sizes
-  30, 60, 111, 162, 213, 264 and max sizes 60, 111, 162, 213, 264, 315;
-  ``dataset="coco"``: 21, 45, 99, 153, 207, 261 and 45, 99, 153, 207, 261, 315.
-  ``clip`` and ``clamp_size`` as in :func:`ssd_default_boxes`.
-  """
-  return _ssd_preset(300, SSD300_FEATURE_SIZES, SSD300_STEPS, SSD300_ASPECT_RATIOS,
-                     dataset, clip, clamp_size)
-
-
-def ssd512_default_boxes(dataset: str = "voc", *, clip: bool = False,
-                         clamp_size: bool = False) -> np.ndarray:
-  """The 24564 default boxes of SSD512 (VGG16), ``[24564, 4]`` float32 xyxy.
-
-  Feature maps 64, 32, 16, 8, 4, 2, 1 with steps 8, 16, ..., 512 and ratios
-  [2], [2, 3] x 4, [2], [2]. ``dataset="voc"``: min sizes 35.84, 76.8, 153.6,
-  230.4, 307.2, 384, 460.8 and max sizes 76.8, ..., 537.6; ``dataset="coco"``:
-  20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8 and 51.2, ..., 542.72.
-  """
-  return _ssd_preset(512, SSD512_FEATURE_SIZES, SSD512_STEPS, SSD512_ASPECT_RATIOS,
-                     dataset, clip, clamp_size)
-
-
-def refinedet_anchors(image_size: int = 320, *, strides: Sequence[int] = (8, 16, 32, 64),
-                      sizes: Sequence[float] | None = None,
-                      aspect_ratios: Sequence[float] = (2,), clip: bool = False) -> np.ndarray:
-  """RefineDet's anchors (Zhang et al. 2018), shared by its ARM and ODM.
-
-  One size per level, ``4 * stride`` by default (32, 64, 128, 256), on feature
-  maps of ``ceil(image_size / stride)`` (40, 20, 10, 5 for a 320 input), centred
-  at ``(j + 0.5) * stride``. At each location: the 1:1 box, then ``(s sqrt(2),
-  s / sqrt(2))`` and ``(s / sqrt(2), s sqrt(2))`` (ratios 1, 2, 1/2), i.e. SSD's
-  default boxes with no max size. RefineDet320 has
-  ``(40^2 + 20^2 + 10^2 + 5^2) * 3 = 6375`` anchors.
-
-  Returns:
-    ``[A, 4]`` float32 xyxy in input-image pixels.
-  """
-  if sizes is None:
-    sizes = [4 * s for s in strides]
-  feature_sizes = [math.ceil(image_size / s) for s in strides]
-  return ssd_default_boxes(image_size, feature_sizes, strides, sizes, None,
-                           [tuple(aspect_ratios)] * len(strides), clip=clip)
 
 
 # ----------------------------------------------------------------------------

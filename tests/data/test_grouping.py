@@ -16,7 +16,7 @@ from jdet.data.coco import CocoSource
 from jdet.data.records import SizedSource, SkipLog, image_sizes
 from jdet.data.shapes import ShapesSource
 from jdet.data.voc import VocSource
-from jdet.testing import assert_resumes_through_orbax, write_image
+from tests.helpers import assert_resumes_through_orbax, write_image
 
 RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 B = 4

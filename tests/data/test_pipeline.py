@@ -6,7 +6,7 @@ import pytest
 from jdet.data import pipeline
 from jdet.data import transforms as T
 from jdet.data.shapes import ShapesSource
-from jdet.testing import assert_resumes_through_orbax
+from tests.helpers import assert_resumes_through_orbax
 
 SIZE, MAX_BOXES = 64, 8
 

@@ -28,7 +28,7 @@ from jdet.testing import TraceCounter
 
 from configs import common
 from configs import ssd300 as ssd300_config
-from tests.models.test_ssd import _numpy_variables
+from tests.helpers import np_iou, numpy_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -124,21 +124,12 @@ def _np(tree):
 # ----------------------------------------------------------------------------
 
 
-def _np_iou(a, b):
-  """[4] and [N, 4] -> [N] IoU in float64."""
-  lt = np.maximum(a[:2], b[:, :2])
-  rb = np.minimum(a[2:], b[:, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-  area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
-  return inter / (area(a) + area(b) - inter)
-
-
 def _np_greedy_nms(boxes, scores, thr):
   """Indices kept by greedy NMS (suppress at IoU > thr), by score, ties by index."""
   order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
   kept = []
   for i in order:
-    if all(_np_iou(boxes[j], boxes[i][None])[0] <= thr for j in kept):
+    if all(np_iou(boxes[j], boxes[i][None])[0] <= thr for j in kept):
       kept.append(i)
   return kept
 
@@ -171,7 +162,7 @@ def _np_tta(spec, sides, ranges, orig_hw, *, score_threshold, k, scale_nms, iou_
     for rank, i in enumerate(_np_greedy_nms(boxes, scores, iou_threshold)):
       box = boxes[i]
       if merge == "vote":
-        weight = np.where(_np_iou(box, boxes) >= vote_threshold, scores, 0.0)
+        weight = np.where(np_iou(box, boxes) >= vote_threshold, scores, 0.0)
         box = (weight[:, None] * boxes).sum(0) / weight.sum()
       dets.append((scores[i], c, rank, box))
   dets.sort(key=lambda d: (-d[0], d[1], d[2]))
@@ -231,7 +222,7 @@ def smoke():
   real = next(iter(pipeline.eval_batches(source, builder.build_transforms(config.data, train=False),
                                          batch_size=4)))
   batch = _batch(size, [(128, 256)] * 4, valid=[True, True, True, False], image=real["image"])
-  return model, _numpy_variables(shapes), batch
+  return model, numpy_variables(shapes), batch
 
 
 def test_one_scale_without_flip_is_predict(smoke):

@@ -30,11 +30,12 @@ from jdet.data import builder, pipeline
 from jdet.models.faster_rcnn import (FasterRCNN, Proposals, decode_detections, rcnn_loss,
                                      rcnn_targets, rpn_loss, rpn_proposals, rpn_targets)
 from jdet.ops.anchors import multilevel_grid_anchors
-from jdet.testing import assert_traces_once, best_iou_per_object
+from jdet.testing import assert_traces_once, random_boxes
 from jdet.train_state import TrainState
 from jdet.training import make_train_step
 
 from configs import faster_rcnn_r50_fpn as frcnn_config
+from tests.helpers import best_iou_per_object, numpy_variables
 
 # A 128 x 160 canvas with the smoke config's anchors (8 .. 128 on P2 .. P6).
 CANVAS = (128, 160)
@@ -50,14 +51,6 @@ _rcnn_targets = jax.jit(jax.vmap(rcnn_targets))
 # ----------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------
-
-
-def _boxes(rng, n: int, *, lo: float = 8, hi: float = 80, size=CANVAS) -> np.ndarray:
-  """``[n, 4]`` valid xyxy boxes inside a ``size = (h, w)`` image."""
-  h, w = size
-  wh = rng.uniform(lo, hi, (n, 2))
-  xy = rng.uniform(0, 1, (n, 2)) * np.maximum([w, h] - wh, 0)
-  return np.concatenate([xy, xy + wh], 1).astype(np.float32)
 
 
 def _pad(boxes: np.ndarray, labels: np.ndarray, m: int):
@@ -83,28 +76,6 @@ def _tv_counts(sampler, labels: np.ndarray) -> tuple[int, int]:
   return int(pos[0].sum()), int(neg[0].sum())
 
 
-def _numpy_variables(shapes, seed: int = 0):
-  """Deterministic variables for ``model.init``'s abstract ``shapes``: He-normal kernels in
-  the backbone and neck, N(0, 0.01^2) in the heads (as their own initialisers), zero
-  biases, identity norms."""
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    names = [getattr(p, "key", str(p)) for p in path]
-    name = names[-1]
-    if name == "kernel" and names[1].endswith("_head"):
-      value = rng.normal(0.0, 0.01, leaf.shape)
-    elif name == "kernel":
-      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    elif name in ("scale", "var"):
-      value = np.ones(leaf.shape)
-    else:
-      value = np.zeros(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
-
-
 @pytest.fixture(scope="module")
 def smoke():
   """``(config, model, variables)`` of the smoke config (64x64 input, 5 classes), with frozen
@@ -114,7 +85,7 @@ def smoke():
   model = FasterRCNN(**dict(config.model, norm="frozen_bn"))
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
-  return config, model, _numpy_variables(shapes)
+  return config, model, numpy_variables(shapes, head_std=0.01)
 
 
 # ----------------------------------------------------------------------------
@@ -125,7 +96,7 @@ def smoke():
 def _rpn_cases(rng):
   """Three images padded to M = 160: a few boxes, none, and 150 boxes that each sit on
   an anchor (more positives than the 128 a sample may take)."""
-  some = _boxes(rng, 4)
+  some = random_boxes(rng, 4, size=CANVAS, min_side=8, max_side=80)
   on_anchors = ANCHORS[rng.choice(np.flatnonzero(
       (ANCHORS[:, :2] >= 0).all(1) & (ANCHORS[:, 2] <= CANVAS[1]) & (ANCHORS[:, 3] <= CANVAS[0])),
       150, replace=False)]
@@ -167,20 +138,20 @@ def test_rpn_targets_follow_torchvision_matcher_and_sampler(rng):
 
 def test_rcnn_targets_counts_classes_and_padding(rng):
   m, p = 120, 300
-  some = _boxes(rng, 5)
-  many = _boxes(rng, 100)
+  some = random_boxes(rng, 5, size=CANVAS, min_side=8, max_side=80)
+  many = random_boxes(rng, 100, size=CANVAS, min_side=8, max_side=80)
   cases = [(some, rng.integers(0, 4, 5)), (np.zeros((0, 4), np.float32), np.zeros(0, int)),
            (many, rng.integers(0, 4, 100))]
   gt, gl, props, pvalid = [], [], [], []
   for boxes, labels in cases:
     b, l = _pad(boxes, labels, m)
     gt.append(b), gl.append(l)
-    proposals = _boxes(rng, p, lo=4, hi=100)
+    proposals = random_boxes(rng, p, size=CANVAS, min_side=4, max_side=100)
     if len(boxes) > 50:  # jittered copies of the boxes: more than 128 positives available
       proposals[:200] = boxes[np.arange(200) % len(boxes)] + rng.uniform(-2, 2, (200, 4))
     valid = np.arange(p) < p - 50
     # Padding rows that would be perfect positives, were they ever read.
-    proposals[p - 50:p - 40] = b[0] if len(boxes) else _boxes(rng, 10)
+    proposals[p - 50:p - 40] = b[0] if len(boxes) else random_boxes(rng, 10, size=CANVAS, min_side=8, max_side=80)
     props.append(proposals.astype(np.float32)), pvalid.append(valid)
   keys = jax.random.split(jax.random.key(1), 3)
   rois, classes, deltas, sampled = map(np.asarray, _rcnn_targets(
@@ -300,7 +271,7 @@ def test_decode_matches_torchvision_postprocess(rng):
   sizes = np.array([[100, 120], [128, 160]], np.int32)
   logits = rng.normal(0, 2, (2, p, c + 1)).astype(np.float32)
   deltas = rng.normal(0, 0.5, (2, p, c + 1, 4)).astype(np.float32)
-  props = np.stack([_boxes(rng, p, size=tuple(s)) for s in sizes])
+  props = np.stack([random_boxes(rng, p, size=tuple(s), min_side=8, max_side=80) for s in sizes])
   valid = np.arange(p) < p - pad
   # Padding rows with confident class-1 scores: they must never become detections.
   logits[:, ~valid] = np.array([0, 20, 0, 0, 0], np.float32)

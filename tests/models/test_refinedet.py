@@ -17,11 +17,10 @@ import jdet
 from jdet.models.refinedet import (RefineDet, RefineDetOutputs, refinedet_candidates,
                                    refinedet_loss, refinedet_targets)
 from jdet.models.ssd import decode_detections
-from jdet.ops.anchors import refinedet_anchors
 from jdet.testing import assert_traces_once
 
 from configs import refinedet320, refinedet512, ssd300
-from tests.models.test_ssd import _numpy_variables
+from tests.helpers import np_iou, numpy_variables, refinedet_anchors
 
 NUM_CLASSES = 5  # foreground classes of the small cases
 IMAGE = 64       # their input side: maps 8, 4, 2, 1 -> (64 + 16 + 4 + 1) * 3 = 255 anchors
@@ -58,15 +57,6 @@ def _np_encode(boxes, anchors):
                    np.log(g[:, 2] / a[:, 2]), np.log(g[:, 3] / a[:, 3])], axis=1) / STDS
 
 
-def _np_iou(a, b):
-  """``[N, 4]``, ``[M, 4]`` xyxy -> ``[N, M]``."""
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-  return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def _np_match(anchors, gt, labels):
   """SSD's rule: every object takes its best anchor (a later object wins a shared
   one), then every anchor with IoU >= 0.5 takes its best object.
@@ -75,7 +65,7 @@ def _np_match(anchors, gt, labels):
   num = len(anchors)
   if len(gt) == 0:
     return np.zeros(num, np.int64), np.zeros((num, 4)), np.zeros(num, bool)
-  iou = _np_iou(anchors.astype(np.float64), gt)  # [A, G]
+  iou = np_iou(anchors.astype(np.float64), gt)  # [A, G]
   best_gt, best_iou = iou.argmax(1), iou.max(1)
   for j, a in enumerate(iou.argmax(0)):
     best_gt[a], best_iou[a] = j, 1.0
@@ -303,7 +293,7 @@ def smoke():
   model = jdet.build_model(config.model_name, **config.model)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32))
-  return model, _numpy_variables(shapes)
+  return model, numpy_variables(shapes)
 
 
 def _batch(seed: int, size: int = IMAGE, b: int = 2) -> dict:

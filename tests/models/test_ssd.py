@@ -19,11 +19,12 @@ from jdet.data import builder, pipeline
 from jdet.models.backbones.vgg import SSD512_EXTRAS
 from jdet.models.ssd import SSD, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_sizes
-from jdet.testing import assert_traces_once, best_iou_per_object
+from jdet.testing import assert_traces_once
 from jdet.train_state import TrainState
 from jdet.training import make_train_step
 
 from configs import ssd300 as ssd300_config
+from tests.helpers import best_iou_per_object, numpy_variables
 
 # Jitted once: eager op-by-op dispatch would compile every primitive separately.
 _targets = jax.jit(ssd_targets)
@@ -33,31 +34,6 @@ _loss = jax.jit(ssd_loss, static_argnames=("neg_pos_ratio",))
 # ----------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------
-
-
-def _numpy_variables(shapes, seed: int = 0):
-  """Deterministic variables for the abstract ``shapes`` of ``model.init``.
-
-  Conv kernels ``[kh, kw, cin, cout]`` are He-normal, biases 0, BatchNorm an
-  identity (scale 1, mean 0, var 1), L2Norm's scale 20 (SSD's initial value).
-  """
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    names = [getattr(p, "key", str(p)) for p in path]
-    name, parent = names[-1], names[-2] if len(names) > 1 else ""
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape)
-    elif name == "scale":
-      value = np.full(leaf.shape, 20.0 if parent.endswith("_norm") else 1.0)
-    elif name == "var":
-      value = np.ones(leaf.shape)
-    else:  # bias, mean
-      value = np.zeros(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def _smoke_config():
@@ -72,7 +48,7 @@ def smoke():
   size = int(config.model.image_size)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  return model, _numpy_variables(shapes)
+  return model, numpy_variables(shapes)
 
 
 def _num_params(tree) -> int:

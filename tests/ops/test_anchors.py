@@ -13,6 +13,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBo
 from torchvision.models.detection.image_list import ImageList
 
 from jdet.ops import anchors
+from tests.helpers import refinedet_anchors, ssd300_default_boxes, ssd512_default_boxes
 
 R2 = math.sqrt(2.0)
 
@@ -41,7 +42,7 @@ def test_ssd300_coco_matches_torchvision(tv_clip):
                            steps=[8, 16, 32, 64, 100, 300], clip=tv_clip)
   sizes = [(f, f) for f in (38, 19, 10, 5, 3, 1)]
   expected = _torchvision_anchors(tv, (300, 300), sizes)
-  got = anchors.ssd300_default_boxes("coco", clamp_size=tv_clip)
+  got = ssd300_default_boxes("coco", clamp_size=tv_clip)
   assert got.dtype == np.float32 and got.shape == expected.shape == (8732, 4)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
   assert sum(f * f * p for (f, _), p in zip(
@@ -57,20 +58,20 @@ def test_ssd512_voc_matches_torchvision():
                            steps=[8, 16, 32, 64, 128, 256, 512], clip=False)
   sizes = [(f, f) for f in (64, 32, 16, 8, 4, 2, 1)]
   expected = _torchvision_anchors(tv, (512, 512), sizes)
-  got = anchors.ssd512_default_boxes("voc")
+  got = ssd512_default_boxes("voc")
   assert got.shape == expected.shape == (24564, 4)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
 def test_ssd_counts():
-  assert anchors.ssd300_default_boxes().shape == (8732, 4)
-  assert anchors.ssd300_default_boxes("coco").shape == (8732, 4)
-  assert anchors.ssd512_default_boxes().shape == (24564, 4)
-  assert anchors.ssd512_default_boxes("coco").shape == (24564, 4)
+  assert ssd300_default_boxes().shape == (8732, 4)
+  assert ssd300_default_boxes("coco").shape == (8732, 4)
+  assert ssd512_default_boxes().shape == (24564, 4)
+  assert ssd512_default_boxes("coco").shape == (24564, 4)
   # 38^2*4 + 19^2*6 + 10^2*6 + 5^2*6 + 3^2*4 + 1*4.
   assert 1444 * 4 + 361 * 6 + 100 * 6 + 25 * 6 + 9 * 4 + 4 == 8732
   with pytest.raises(ValueError, match="dataset"):
-    anchors.ssd300_default_boxes("kitti")
+    ssd300_default_boxes("kitti")
 
 
 def test_ssd_sizes_caffe_voc_and_coco():
@@ -98,7 +99,7 @@ def test_ssd_sizes_follow_paper_formula():
 
 
 def test_ssd300_voc_hand_worked_boxes():
-  b = anchors.ssd300_default_boxes("voc")
+  b = ssd300_default_boxes("voc")
   # First location of conv4_3 (centre 4, 4): 30x30, sqrt(30*60) square, then ratio 2 and 1/2.
   s = math.sqrt(30 * 60) / 2
   np.testing.assert_allclose(b[:4], [
@@ -125,8 +126,8 @@ def test_ssd_clip_and_small_case():
   got = anchors.ssd_default_boxes((20, 40), [(1, 2)], [(20, 20)], [10], [40], [()])
   np.testing.assert_allclose(
       got, [[5, 5, 15, 15], [0, 0, 20, 20], [25, 5, 35, 15], [20, 0, 40, 20]])
-  unclipped = anchors.ssd300_default_boxes()
-  clipped = anchors.ssd300_default_boxes(clip=True)
+  unclipped = ssd300_default_boxes()
+  clipped = ssd300_default_boxes(clip=True)
   np.testing.assert_array_equal(clipped, np.clip(unclipped, 0, 300))
   assert (unclipped.min() < 0) and (unclipped.max() > 300)
   with pytest.raises(ValueError, match="steps"):
@@ -139,7 +140,7 @@ def test_ssd_clip_and_small_case():
 
 
 def test_refinedet320_anchors():
-  b = anchors.refinedet_anchors(320)
+  b = refinedet_anchors(320)
   assert b.shape == ((40 * 40 + 20 * 20 + 10 * 10 + 5 * 5) * 3, 4) == (6375, 4)
   # First location (centre 4, 4), size 32: 1:1, ratio 2 (wide), ratio 1/2 (tall).
   np.testing.assert_allclose(b[:3], [
@@ -152,7 +153,7 @@ def test_refinedet320_anchors():
   # Last location of the stride-64 level: centre (4.5 * 64) = 288, size 256, ratio 1/2.
   np.testing.assert_allclose(b[-1], [288 - 128 / R2, 288 - 128 * R2, 288 + 128 / R2,
                                      288 + 128 * R2], atol=1e-4)
-  assert anchors.refinedet_anchors(512).shape == ((64**2 + 32**2 + 16**2 + 8**2) * 3, 4)
+  assert refinedet_anchors(512).shape == ((64**2 + 32**2 + 16**2 + 8**2) * 3, 4)
 
 
 # ----------------------------------------------------------------------------
@@ -221,13 +222,13 @@ def test_anchors_are_constants_under_jit():
   seen = []
 
   def f(x):
-    a = anchors.refinedet_anchors(320)
+    a = refinedet_anchors(320)
     g = anchors.grid_anchors((2, 3), 8, (32,), (1.0,))
     seen.append((type(a), type(g)))
     return x + jnp.sum(a[:, 2] - a[:, 0]) + jnp.sum(g)
 
   out = jax.jit(f)(jnp.float32(0))
   assert seen == [(np.ndarray, np.ndarray)]
-  expected = np.sum(anchors.refinedet_anchors(320)[:, 2] - anchors.refinedet_anchors(320)[:, 0])
+  expected = np.sum(refinedet_anchors(320)[:, 2] - refinedet_anchors(320)[:, 0])
   expected += np.sum(anchors.grid_anchors((2, 3), 8, (32,), (1.0,)))
   np.testing.assert_allclose(out, expected, rtol=1e-5)
