@@ -555,3 +555,15 @@ def test_eval_recipes_from_example_map_boxes_back():
     back = T.resize_boxes(out["boxes"][:5], 1.0 / out["scale_factor"])
     np.testing.assert_allclose(back, boxes, atol=1e-3)
     np.testing.assert_allclose(out["scale_factor"], out["image_size"] / out["orig_size"], rtol=1e-6)
+
+
+def test_numpy_box_maths_agree_with_jdet_boxes(rng):
+  """The pipeline's NumPy box maths is jdet.boxes's: clip, area and pairwise IoU."""
+  from jdet import boxes as B
+  from jdet.data.transforms import boxes as npb
+
+  a = random_boxes(rng, 7, size=100.0, max_side=80.0) - 20.0  # some reach outside
+  b = np.concatenate([random_boxes(rng, 5, size=100.0), [[10, 10, 10, 30]]]).astype(np.float32)
+  np.testing.assert_array_equal(T.clip_boxes(a, (70, 90)), np.asarray(B.clip(a, (70, 90))))
+  np.testing.assert_allclose(npb.box_area(b), np.asarray(B.area(b)), rtol=1e-6)
+  np.testing.assert_allclose(T.box_iou(a, b), np.asarray(B.iou(a, b)), rtol=1e-5, atol=1e-7)
