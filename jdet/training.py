@@ -45,7 +45,7 @@ import optax
 
 from jdet import optim, parallel
 from jdet.checkpoint import CheckpointDamagedError, Checkpointer, StopRequest
-from jdet.data import builder, pipeline
+from jdet.data import builder, pipeline, records
 from jdet.evaluation import loop as eval_loop
 from jdet.metrics import MetricWriter, ProgressBar
 from jdet.models import build_model
@@ -294,7 +294,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
       source, transform, batch_size=local_batch, seed=int(config.data.seed),
       shard_index=jax.process_index(), num_shards=jax.process_count(),
       num_workers=int(config.data.num_workers),
-      group_by_aspect=bool(config.data.get("group_by_aspect", False)))
+      group_by_aspect=bool(config.data.get("group_by_aspect", False)), data_notes=True)
+  accounting = _DataAccounting(int(config.data.max_boxes))
 
   # --- Model and optimiser -----------------------------------------------------
   model = build_model(config.model_name, **config.model)
@@ -338,7 +339,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
     with mesh_context(mesh), StopRequest() as stop:
       step = start
       while step < end:
-        batch = parallel.shard_batch(next(data_iter), mesh)
+        batch = parallel.shard_batch(accounting.take(next(data_iter), step + 1), mesh)
         state, metrics = train_step(state, batch)
         step += 1
         history.append((step, metrics))
@@ -357,6 +358,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
           dt = time.time() - t_log
           scalars = _mean_metrics(host)
           scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
+          scalars.update(accounting.scalars())
           writer.write(step, scalars)
           bar.update(step, loss=scalars["loss"], img_s=scalars["images_per_s"])
           t_log, n_log = time.time(), 0
@@ -378,11 +380,82 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   finally:
     # Also on errors (a non-finite loss): finish pending saves, flush the logs.
     bar.close()
+    if is_main:
+      accounting.log_summary()
     ckpt.wait()
     ckpt.close()
     writer.close()
   return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped,
                      signal=stop.signal if stopped else None)
+
+
+class _DataAccounting:
+  """What the input left out or changed: boxes cut by ``data.max_boxes``, skipped and
+  fixed images and boxes (distinct, from every reading process), since the program started.
+
+  :meth:`take` reads each host batch (its ``truncated_boxes`` and the notes the
+  pipeline attached), :meth:`scalars` gives the log line's ``data/...`` values,
+  :meth:`log_summary` the end-of-run summary.
+  """
+
+  def __init__(self, max_boxes: int):
+    self.max_boxes = max_boxes
+    self.report = records.DataReport()
+    self.truncated = 0  # boxes cut since the last log line (this process)
+    self.truncated_total = 0  # since the start (all processes, as of the last log line)
+    self.truncated_images = 0
+    self.warned = False
+
+  def take(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+    """Counts a host batch; returns it without the notes (ready for the devices)."""
+    batch = dict(batch)
+    notes = batch.pop(pipeline.NOTES_KEY, None)
+    if notes is not None:
+      self.report.add(records.decode_notes(str(notes)))
+    cut = np.asarray(batch["truncated_boxes"]) * np.asarray(batch["valid"])
+    self.truncated += int(cut.sum())
+    self.truncated_images += int((cut > 0).sum())
+    if cut.any() and not self.warned:
+      self.warned = True
+      log.warning("step %d: %d boxes beyond data.max_boxes=%d left out of the training "
+                  "targets (counted as data/truncated_boxes in metrics.jsonl; raise "
+                  "data.max_boxes to keep them)", step, int(cut.sum()), self.max_boxes)
+    return batch
+
+  def scalars(self) -> dict[str, float]:
+    """``data/truncated_boxes`` (since the last line), ``data/truncated_boxes_total``,
+    ``data/skipped`` and ``data/fixed`` (distinct items so far). A collective with
+    several processes: call it on every one."""
+    self.report.add(records.drain_notes())  # this process's own (start-up checks, eval)
+    cut = self.truncated
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      cut = int(np.sum(multihost_utils.process_allgather(np.asarray(cut, np.int64))))
+    self.truncated = 0
+    self.truncated_total += cut
+    totals = self.report.totals()
+    return {"data/truncated_boxes": float(cut),
+            "data/truncated_boxes_total": float(self.truncated_total),
+            "data/skipped": float(totals["skipped"]), "data/fixed": float(totals["fixed"])}
+
+  def log_summary(self) -> None:
+    """Logs what the input left out or changed in this run (a warning if anything)."""
+    self.report.add(records.drain_notes())
+    lines = []
+    total = self.truncated_total + self.truncated  # with those since the last log line
+    if total:
+      lines.append(f"  {total} boxes beyond data.max_boxes={self.max_boxes} left "
+                   f"out of the training targets (in {self.truncated_images} images of this "
+                   f"process); raise data.max_boxes to keep them")
+    if self.report.counts():
+      totals = self.report.totals()
+      lines.append(f"  {totals['skipped']} distinct images or boxes skipped and "
+                   f"{totals['fixed']} fixed, by reason:")
+      lines.append(self.report.summary())
+    if lines:
+      log.warning("input summary of this run:\n%s", "\n".join(lines))
+    else:
+      log.info("input summary of this run: nothing skipped, fixed or cut by data.max_boxes")
 
 
 def _eval_scalars_plain(metrics: dict[str, Any]) -> dict[str, float]:

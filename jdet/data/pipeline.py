@@ -33,7 +33,9 @@ Batches follow the contract of the design notes (``image``, ``boxes``,
 ``labels``, ``image_size``, ``orig_size``, ``image_id``, ``valid``) plus
 ``scale_factor [B, 2]`` (to map detections back to original pixels),
 ``dropped_boxes [B]`` and ``truncated_boxes [B]`` (boxes removed by augmentation and
-by the ``max_boxes`` cap, so that training can log them).
+by the ``max_boxes`` cap, so that training can log them). Training batches made
+with ``data_notes=True`` also carry :data:`NOTES_KEY`, the skips and fixes of
+input that the reading process noted first (popped before the devices).
 
 The iterators are grain ``DatasetIterator`` objects: ``get_state()`` and
 ``set_state()`` (or orbax's ``grain.checkpoint.CheckpointSave/Restore``) save and
@@ -52,11 +54,12 @@ import numpy as np
 from absl import flags
 
 from jdet.data import transforms as T
+from jdet.data import records
 from jdet.data.records import DetectionSource, SkipLog, image_sizes
 from jdet.data.transforms import sample_from_example
 
-__all__ = ["BATCH_KEYS", "train_batches", "eval_batches", "check_num_classes", "pad_batch",
-           "aspect_groups", "LANDSCAPE", "PORTRAIT"]
+__all__ = ["BATCH_KEYS", "NOTES_KEY", "train_batches", "eval_batches", "check_num_classes",
+           "pad_batch", "aspect_groups", "LANDSCAPE", "PORTRAIT"]
 
 log = logging.getLogger("jdet.data")
 
@@ -64,7 +67,21 @@ log = logging.getLogger("jdet.data")
 BATCH_KEYS = ("image", "boxes", "labels", "image_size", "orig_size", "image_id", "valid",
               "scale_factor", "dropped_boxes", "truncated_boxes")
 
+# The extra key of training batches made with ``data_notes=True``: a 0-d string array, the
+# skips and fixes first noted by the process that made the batch
+# (:func:`jdet.data.records.encode_notes`), to be popped before the batch goes to devices.
+NOTES_KEY = "data_notes"
+
 Transform = Callable[[dict, np.random.Generator | None], dict]
+
+
+class _AttachNotes:
+  """Batch -> batch plus :data:`NOTES_KEY` (picklable; runs where the batch is made)."""
+
+  def __call__(self, batch: dict) -> dict:
+    out = dict(batch)
+    out[NOTES_KEY] = np.asarray(records.encode_notes(records.drain_notes()))
+    return out
 
 
 def check_num_classes(source: DetectionSource, num_classes: int) -> None:
@@ -129,7 +146,8 @@ def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset
 
 def train_batches(source: DetectionSource, transform: Transform, *, batch_size: int, seed: int,
                   shard_index: int = 0, num_shards: int = 1, num_epochs: int | None = None,
-                  num_workers: int = 0, group_by_aspect: bool = False) -> grain.DatasetIterator:
+                  num_workers: int = 0, group_by_aspect: bool = False,
+                  data_notes: bool = False) -> grain.DatasetIterator:
   """An endless (or ``num_epochs``) iterator of full training batches.
 
   Args:
@@ -155,12 +173,16 @@ def train_batches(source: DetectionSource, transform: Transform, *, batch_size: 
       shard leaves out ``n_g - B * min_over_shards(n_g // B)`` of group ``g``.
       The grouped batches do not depend on ``num_workers``. Off (default),
       the batches are exactly those of earlier versions.
+    data_notes: add :data:`NOTES_KEY` to every batch: the skips and fixes of
+      input first noted in the process that made it (a worker's would
+      otherwise stay in that worker), for the training summary.
   """
   if len(source) == 0:
     raise ValueError(f"the training source {type(source).__name__} has no images")
   if group_by_aspect:
     it = _grouped_batches(source, transform, batch_size=batch_size, seed=seed,
                           shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs)
+    it = it.map(_AttachNotes()) if data_notes else it
     return iter(_maybe_workers(it, num_workers))
   ds = _shard(grain.MapDataset.source(source), shard_index, num_shards)
   if len(ds) < batch_size:
@@ -169,6 +191,7 @@ def train_batches(source: DetectionSource, transform: Transform, *, batch_size: 
   ds = ds.seed(seed).shuffle().repeat(num_epochs).random_map(_Prepare(transform))
   it = ds.to_iter_dataset(_read_options(batch_size, batched=False))
   it = it.batch(batch_size, drop_remainder=True)
+  it = it.map(_AttachNotes()) if data_notes else it
   return iter(_maybe_workers(it, num_workers))
 
 

@@ -8,7 +8,12 @@ and batching come after them (``jdet.data.transforms``, ``jdet.data.pipeline``).
 Bad input never crashes a run and is never dropped silently: sources call
 :meth:`SkipLog.skip` (or :meth:`SkipLog.fix`) with the file, the record and the
 reason; the log counts each reason and warns with the details the first few
-times. A malformed annotation *file* is different: it raises
+times. A bad file is warned about once per process, however often it is read
+(every epoch, or by a rebuilt source). Every distinct skip and fix is also kept
+for :func:`drain_notes`, which the pipeline ships from worker processes inside
+the training batches, so that training totals them (:class:`DataReport`:
+``data/skipped`` and ``data/fixed`` in ``metrics.jsonl`` and an end-of-run
+summary). A malformed annotation *file* is different: it raises
 :class:`AnnotationError` at start-up, naming the file, the record and the field.
 
 An image that cannot be decoded when it is read (missing, truncated, not an
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import threading
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -35,6 +41,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 __all__ = ["Example", "DetectionSource", "SizedSource", "AnnotationError", "SkipLog",
+           "DataReport", "drain_notes", "encode_notes", "decode_notes",
            "empty_annotations", "clean_boxes", "clean_annotations", "image_sizes"]
 
 log = logging.getLogger("jdet.data")
@@ -225,24 +232,100 @@ def image_sizes(source: DetectionSource, indices: Sequence[int] | None = None) -
   return out
 
 
+# Every distinct skip or fix noted in this process: (log name, kind, reason, file, record,
+# detail). A bad file read again (the next epoch, a rebuilt source) is counted by its log
+# but not warned about again; the notes not yet collected wait in _PENDING (drain_notes).
+_SEEN: set[tuple[str, ...]] = set()
+_PENDING: list[tuple[str, ...]] = []
+_NOTES_LOCK = threading.Lock()
+
+
+def drain_notes() -> list[tuple[str, ...]]:
+  """The distinct skips and fixes first noted in this process since the last call.
+
+  Each is ``(log name, kind, reason, file, record, detail)``, ``kind`` being
+  ``"skipped"`` or ``"fixed"``. The pipeline ships a worker process's notes to
+  the training process inside its batches (``train_batches(data_notes=True)``),
+  so that :class:`DataReport` totals them across processes.
+  """
+  with _NOTES_LOCK:
+    out = list(_PENDING)
+    _PENDING.clear()
+  return out
+
+
+def encode_notes(notes: Sequence[tuple[str, ...]]) -> str:
+  """Notes as one JSON string (what a batch carries)."""
+  return json.dumps([list(n) for n in notes]) if notes else ""
+
+
+def decode_notes(text: str) -> list[tuple[str, ...]]:
+  """The inverse of :func:`encode_notes`."""
+  return [tuple(n) for n in json.loads(text)] if text else []
+
+
+class DataReport:
+  """The distinct skipped and fixed items of a run, from every process, for summaries.
+
+  ``add`` merges notes (:func:`drain_notes`, or decoded from batches); an item
+  seen twice (another epoch, another worker) counts once.
+  """
+
+  def __init__(self):
+    self._items: set[tuple[str, ...]] = set()
+
+  def add(self, notes: Sequence[tuple[str, ...]]) -> int:
+    """Merges ``notes``; returns how many were new."""
+    new = {tuple(str(v) for v in n) for n in notes} - self._items
+    self._items |= new
+    return len(new)
+
+  def counts(self) -> dict[str, int]:
+    """``{"<log name>: <kind>: <reason>": distinct items}``."""
+    c = collections.Counter(f"{n[0]}: {n[1]}: {n[2]}" for n in self._items)
+    return dict(sorted(c.items()))
+
+  def totals(self) -> dict[str, int]:
+    """``{"skipped": n, "fixed": n}``: distinct items of each kind."""
+    c = collections.Counter(n[1] for n in self._items)
+    return {"skipped": c.get("skipped", 0), "fixed": c.get("fixed", 0)}
+
+  def summary(self) -> str:
+    """Lines ``"  <count> x <log name>: <kind>: <reason>"``, or "" if nothing was noted."""
+    return "\n".join(f"  {n} x {k}" for k, n in self.counts().items())
+
+
 class SkipLog:
   """Counts skipped or repaired input by reason; warns with details, a few times each.
 
   Thread-safe, because grain workers may share a source in threads. Each
-  process keeps its own counts (``counts()``), which training logs.
+  process keeps its own counts (``counts()``: every occurrence). A bad file is
+  warned about once per process (the first ``max_warnings_per_reason`` distinct
+  files of each reason; the rest are counted, not shown), however often it is
+  read; :func:`drain_notes` and :class:`DataReport` total the distinct items.
   """
 
   def __init__(self, name: str, max_warnings_per_reason: int = 5):
     self.name = name
     self.max_warnings = max_warnings_per_reason
     self._counts: collections.Counter[str] = collections.Counter()
+    self._shown: collections.Counter[str] = collections.Counter()
     self._lock = threading.Lock()
 
   def _note(self, kind: str, reason: str, file: str, record: Any, detail: str) -> None:
     key = f"{kind}: {reason}"
+    item = (str(self.name), kind, reason, str(file), repr(record), str(detail))
+    with _NOTES_LOCK:
+      new = item not in _SEEN
+      if new:
+        _SEEN.add(item)
+        _PENDING.append(item)
     with self._lock:
       self._counts[key] += 1
-      n = self._counts[key]
+      if not new:  # warned about already (an earlier epoch, or a rebuilt source)
+        return
+      self._shown[key] += 1
+      n = self._shown[key]
     if n <= self.max_warnings:
       more = " (further ones counted, not shown)" if n == self.max_warnings else ""
       log.warning("%s: %s %s: file %s, record %r%s%s", self.name, kind, reason, file, record,
@@ -254,11 +337,13 @@ class SkipLog:
     state = self.__dict__.copy()
     del state["_lock"]
     state["_counts"] = self.counts()
+    state["_shown"] = dict(self._shown)
     return state
 
   def __setstate__(self, state: dict) -> None:
     self.__dict__.update(state)
     self._counts = collections.Counter(state["_counts"])
+    self._shown = collections.Counter(state.get("_shown", {}))
     self._lock = threading.Lock()
 
   def skip(self, reason: str, *, file: str, record: Any, detail: str = "") -> None:

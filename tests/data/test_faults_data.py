@@ -1,0 +1,126 @@
+"""Bad input injected into real runs: nothing dropped silently, every skip totalled once.
+
+Each test feeds a fault a user's data has (a box beyond ``data.max_boxes``,
+an image that cannot be decoded, a greyscale image, a file read again every
+epoch, a worker process that notes it) and asserts that it is counted and
+reported: in ``metrics.jsonl``, in the end-of-run summary, once per file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdet import training
+from jdet.data import builder, pipeline, records
+from jdet.data.coco import CocoSource
+from jdet.data.records import DataReport, SkipLog
+
+from configs import ssd300 as ssd300_config
+
+NUM_IMAGES = 12  # of the small COCO set; the last one cannot be decoded, the first is grey
+
+
+def _coco_set(root) -> tuple[str, str]:
+  """A COCO-format set of 64 x 64 images with two boxes each (five categories); image 11 is
+  truncated to 40 bytes (undecodable), image 0 is greyscale (converted, a counted fix)."""
+  rng = np.random.default_rng(0)
+  image_dir = os.path.join(root, "images")
+  os.makedirs(image_dir, exist_ok=True)
+  images, annotations = [], []
+  for i in range(NUM_IMAGES):
+    name = f"{i:04d}.png"
+    pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert("L") if i == 0 else Image.fromarray(pixels)
+    image.save(os.path.join(image_dir, name))
+    images.append(dict(id=i + 1, file_name=name, height=64, width=64))
+    for k in range(2):
+      annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=1 + (i + k) % 5,
+                              bbox=[4.0 + 24 * k, 6.0, 20.0, 30.0], area=600.0, iscrowd=0))
+  bad = os.path.join(image_dir, f"{NUM_IMAGES - 1:04d}.png")
+  with open(bad, "r+b") as f:
+    f.truncate(40)
+  ann_file = os.path.join(root, "instances.json")
+  with open(ann_file, "w") as f:
+    json.dump(dict(images=images, annotations=annotations,
+                   categories=[dict(id=c, name=f"class{c}") for c in range(1, 6)]), f)
+  return ann_file, image_dir
+
+
+def _coco_split(ann_file: str, image_dir: str) -> dict:
+  # check_sizes=False: the bad image is only found when it is read, in the pipeline.
+  return dict(kind="coco", annotation_file=ann_file, image_root=image_dir, check_sizes=False)
+
+
+def test_a_bad_file_read_every_epoch_is_warned_about_once(tmp_path, caplog):
+  log = SkipLog("epochs")
+  records.drain_notes()
+  with caplog.at_level(logging.WARNING, logger="jdet.data"):
+    for _ in range(3):  # three epochs
+      log.skip("unreadable image", file=str(tmp_path / "a.jpg"), record=7)
+      log.fix("L (greyscale) image converted to RGB", file=str(tmp_path / "b.jpg"), record=8)
+  assert caplog.text.count("a.jpg") == 1 and caplog.text.count("b.jpg") == 1
+  assert log.counts() == {"skipped: unreadable image": 3,  # every occurrence, as before
+                          "fixed: L (greyscale) image converted to RGB": 3}
+  report = DataReport()
+  assert report.add(records.drain_notes()) == 2  # distinct items
+  assert report.totals() == {"skipped": 1, "fixed": 1}
+  assert report.counts() == {"epochs: fixed: L (greyscale) image converted to RGB": 1,
+                             "epochs: skipped: unreadable image": 1}
+  assert records.drain_notes() == []  # collected once
+
+
+def test_a_worker_processs_skips_reach_the_training_process(tmp_path):
+  ann_file, image_dir = _coco_set(tmp_path)
+  source = CocoSource(ann_file, image_dir, check_sizes=False)
+  transform = builder.build_transforms(ssd300_config.get_config("smoke").data, train=True)
+  records.drain_notes()
+  it = pipeline.train_batches(source, transform, batch_size=4, seed=0, num_workers=1,
+                              data_notes=True)
+  report = DataReport()
+  for _ in range(2 * NUM_IMAGES // 4):  # two epochs
+    batch = next(it)
+    assert set(batch) == set(pipeline.BATCH_KEYS) | {pipeline.NOTES_KEY}
+    report.add(records.decode_notes(str(batch[pipeline.NOTES_KEY])))
+  assert records.drain_notes() == []  # nothing was read in this process
+  counts = report.counts()
+  assert counts == {"coco instances.json: skipped: unreadable image": 1,
+                    "coco instances.json: fixed: L (greyscale) image converted to RGB": 1}, counts
+
+
+def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog):
+  ann_file, image_dir = _coco_set(tmp_path / "data")
+  config = ssd300_config.get_config("smoke")
+  config.data.train = _coco_split(ann_file, image_dir)
+  config.data.num_workers = 1
+  config.data.max_boxes = 1  # every image has two boxes: one is cut from each
+  config.train.update(num_steps=4, eval_every=0, log_every=2, checkpoint_every=0)
+  workdir = tmp_path / "run"
+  with caplog.at_level(logging.INFO, logger="jdet.training"):
+    training.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], progress=False)
+
+  # What the pipeline itself says it cut in the same batches (same seed, same order).
+  reference = pipeline.train_batches(
+      CocoSource(ann_file, image_dir, check_sizes=False),
+      builder.build_transforms(config.data, train=True), batch_size=4, seed=int(config.data.seed))
+  cut = [int((b["truncated_boxes"] * b["valid"]).sum()) for b in (next(reference) for _ in range(4))]
+  assert sum(cut) > 0
+
+  with open(workdir / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f if "loss" in line]
+  assert [m["step"] for m in lines] == [2, 4]
+  assert [m["data/truncated_boxes"] for m in lines] == [sum(cut[:2]), sum(cut[2:])]
+  assert lines[-1]["data/truncated_boxes_total"] == sum(cut)
+  assert lines[-1]["data/skipped"] == 1 and lines[-1]["data/fixed"] == 1  # from the worker
+  assert "raise data.max_boxes" in caplog.text
+  summary = [r.getMessage() for r in caplog.records if "input summary" in r.getMessage()]
+  assert len(summary) == 1, summary
+  assert f"{sum(cut)} boxes beyond data.max_boxes=1" in summary[0]
+  assert "1 x coco instances.json: skipped: unreadable image" in summary[0]
+  assert "1 x coco instances.json: fixed: L (greyscale) image converted to RGB" in summary[0]
