@@ -45,6 +45,7 @@ from typing import Mapping
 import numpy as np
 
 from jdet.convert.resnet import resnet_fpn_backbone_params
+from jdet.convert.torchvision import Reader
 
 __all__ = ["fasterrcnn_resnet50_fpn_params", "fasterrcnn_num_classes", "rename_legacy_keys"]
 
@@ -76,30 +77,6 @@ def fasterrcnn_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
     raise KeyError(f"{key!r} is missing: not a torchvision Faster R-CNN state dict "
                    f"(its keys begin {sorted(state_dict)[:4]})")
   return int(np.shape(state_dict[key])[0]) - 1
-
-
-def _take(state_dict: Mapping[str, np.ndarray], used: set[str], key: str) -> np.ndarray:
-  if key not in state_dict:
-    raise KeyError(f"{key!r} is missing: not a torchvision fasterrcnn_resnet50_fpn state dict "
-                   f"(its keys begin {sorted(state_dict)[:4]})")
-  used.add(key)
-  return np.asarray(state_dict[key])
-
-
-def _conv(state_dict, used, prefix: str) -> dict[str, np.ndarray]:
-  weight = _take(state_dict, used, f"{prefix}.weight")
-  if weight.ndim != 4:
-    raise ValueError(f"{prefix}.weight has shape {weight.shape}, not a Conv2d weight")
-  return {"kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
-          "bias": _take(state_dict, used, f"{prefix}.bias")}
-
-
-def _linear(state_dict, used, prefix: str) -> dict[str, np.ndarray]:
-  weight = _take(state_dict, used, f"{prefix}.weight")
-  if weight.ndim != 2:
-    raise ValueError(f"{prefix}.weight has shape {weight.shape}, not a Linear weight")
-  return {"kernel": np.ascontiguousarray(weight.T),
-          "bias": _take(state_dict, used, f"{prefix}.bias")}
 
 
 def _coco_columns(num_outputs: int) -> np.ndarray:
@@ -135,13 +112,14 @@ def fasterrcnn_resnet50_fpn_params(state_dict: Mapping[str, np.ndarray], *,
   """
   state_dict = rename_legacy_keys(state_dict)
   backbone = resnet_fpn_backbone_params(state_dict, "backbone.", norm=norm)
-  used = {k for k in state_dict if k.startswith("backbone.")}
+  r = Reader(state_dict, "fasterrcnn_resnet50_fpn")
+  r.used.update(k for k in state_dict if k.startswith("backbone."))
 
-  rpn_head = {"conv": _conv(state_dict, used, "rpn.head.conv.0.0"),
-              "cls_logits": _conv(state_dict, used, "rpn.head.cls_logits"),
-              "bbox_pred": _conv(state_dict, used, "rpn.head.bbox_pred")}
+  rpn_head = {"conv": r.conv("rpn.head.conv.0.0"),
+              "cls_logits": r.conv("rpn.head.cls_logits"),
+              "bbox_pred": r.conv("rpn.head.bbox_pred")}
 
-  fc6 = _linear(state_dict, used, f"{_HEAD}.fc6")
+  fc6 = r.linear(f"{_HEAD}.fc6")
   channels = backbone["fpn"]["layer_block0"]["kernel"].shape[-1]  # the FPN's width
   rows, out = fc6["kernel"].shape
   side = int(round(np.sqrt(rows / channels)))
@@ -150,8 +128,8 @@ def fasterrcnn_resnet50_fpn_params(state_dict: Mapping[str, np.ndarray], *,
   # torchvision's rows are (c, h, w), jdet's (h, w, c).
   fc6["kernel"] = np.ascontiguousarray(
       fc6["kernel"].reshape(channels, side, side, out).transpose(1, 2, 0, 3).reshape(rows, out))
-  cls_score = _linear(state_dict, used, f"{_PRED}.cls_score")
-  bbox_pred = _linear(state_dict, used, f"{_PRED}.bbox_pred")
+  cls_score = r.linear(f"{_PRED}.cls_score")
+  bbox_pred = r.linear(f"{_PRED}.bbox_pred")
   outputs = cls_score["kernel"].shape[-1]
   if bbox_pred["kernel"].shape[-1] != 4 * outputs:
     raise ValueError(f"{_PRED}.bbox_pred has {bbox_pred['kernel'].shape[-1]} outputs, not 4 per "
@@ -165,13 +143,10 @@ def fasterrcnn_resnet50_fpn_params(state_dict: Mapping[str, np.ndarray], *,
     box_cols = (keep[:, None] * 4 + np.arange(4)[None, :]).reshape(-1)  # [81 * 4]
     cls_score = {k: v[..., keep] for k, v in cls_score.items()}
     bbox_pred = {k: v[..., box_cols] for k, v in bbox_pred.items()}
-  roi_head = {"fc6": fc6, "fc7": _linear(state_dict, used, f"{_HEAD}.fc7"),
+  roi_head = {"fc6": fc6, "fc7": r.linear(f"{_HEAD}.fc7"),
               "cls_score": cls_score, "bbox_pred": bbox_pred}
 
-  left = sorted(k for k in state_dict if k not in used)
-  if left:
-    raise ValueError(f"the fasterrcnn_resnet50_fpn state dict has entries this conversion does not "
-                     f"know: {left[:10]}{' ...' if len(left) > 10 else ''}")
+  r.check_all_used()
   body = backbone["body"]
   variables = {"params": {"backbone": body["params"], "neck": backbone["fpn"],
                           "rpn_head": rpn_head, "roi_head": roi_head}}

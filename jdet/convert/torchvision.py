@@ -53,7 +53,7 @@ from typing import Mapping
 import numpy as np
 
 __all__ = ["coco91_to_coco80", "ssd300_vgg16_params", "ssd300_vgg16_num_classes", "vgg16_backbone_params",
-           "conv_params", "VGG16_FEATURE_INDICES"]
+           "conv_params", "Reader", "VGG16_FEATURE_INDICES"]
 
 # torchvision VGG16 ``features`` index of each jdet convolution (ReLUs and pools between).
 VGG16_FEATURE_INDICES = {
@@ -73,8 +73,9 @@ _CLS = "head.classification_head.module_list"
 _BOX = "head.regression_head.module_list"
 
 
-class _Reader:
-  """Takes entries out of a state dict and remembers which were used."""
+class Reader:
+  """Takes entries out of a torchvision state dict, converting layers on the way, and remembers
+  which were used (every torchvision converter reads through one)."""
 
   def __init__(self, state_dict: Mapping[str, np.ndarray], what: str):
     self.state_dict = state_dict
@@ -89,7 +90,16 @@ class _Reader:
     return np.asarray(self.state_dict[key])
 
   def conv(self, prefix: str) -> dict[str, np.ndarray]:
+    """``{prefix}.weight``, ``{prefix}.bias`` of a ``Conv2d`` -> ``{"kernel", "bias"}``."""
     return conv_params(self.take(f"{prefix}.weight"), self.take(f"{prefix}.bias"))
+
+  def linear(self, prefix: str) -> dict[str, np.ndarray]:
+    """A ``Linear``: ``weight [out, in]`` -> ``kernel [in, out]``, ``bias [out]``."""
+    weight, bias = self.take(f"{prefix}.weight"), self.take(f"{prefix}.bias")
+    if weight.ndim != 2 or bias.shape != weight.shape[:1]:
+      raise ValueError(f"{prefix}: not a Linear weight/bias pair: shapes {weight.shape} and "
+                       f"{bias.shape}")
+    return {"kernel": np.ascontiguousarray(weight.T), "bias": bias}
 
   def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
     left = sorted(k for k in self.state_dict if k not in self.used and not k.startswith(ignore))
@@ -126,7 +136,7 @@ def ssd300_vgg16_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
 
   torchvision counts the background: its ``num_classes=91`` (COCO) is jdet's 90.
   """
-  reader = _Reader(state_dict, "ssd300_vgg16")
+  reader = Reader(state_dict, "ssd300_vgg16")
   boxes = reader.take(f"{_BOX}.0.weight").shape[0] // 4  # default boxes per location
   classes = reader.take(f"{_CLS}.0.weight").shape[0]
   if classes % boxes:
@@ -150,7 +160,7 @@ def ssd300_vgg16_params(state_dict: Mapping[str, np.ndarray]) -> dict:
     KeyError: a torchvision name is missing; ValueError: the state dict holds
     names this conversion does not know.
   """
-  r = _Reader(state_dict, "ssd300_vgg16")
+  r = Reader(state_dict, "ssd300_vgg16")
   backbone = {}
   for name in _SSD_FEATURE_LAYERS:
     backbone[name] = r.conv(f"backbone.features.{VGG16_FEATURE_INDICES[name]}")
@@ -179,7 +189,7 @@ def vgg16_backbone_params(state_dict: Mapping[str, np.ndarray]) -> dict:
   """
   if any(".running_mean" in k for k in state_dict):
     raise ValueError("this is a VGG16 with BatchNorm (vgg16_bn); only the plain vgg16 converts")
-  r = _Reader(state_dict, "vgg16")
+  r = Reader(state_dict, "vgg16")
   backbone = {name: r.conv(f"features.{i}") for name, i in VGG16_FEATURE_INDICES.items()}
   r.check_all_used(ignore=("classifier.",))
   return backbone
