@@ -30,7 +30,8 @@ With ``check_sizes=True`` (default) every image header is read at start-up:
 missing or unreadable images are counted and dropped, and an image whose real
 upright size disagrees with the stored ``width``/``height`` has its boxes moved
 into the upright image (:func:`jdet.data.images.fit_boxes`: rotated when the
-stored size is the unrotated EXIF frame, else rescaled), counted as a fix.
+stored size is the unrotated EXIF frame, rescaled when the image is the stored
+size scaled by one factor, else kept as annotated and clipped), counted as a fix.
 This costs one header read per image (about a millisecond each).
 
 :meth:`ImageFileSource.image_sizes` gives the upright sizes without decoding
@@ -54,7 +55,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jdet.data.images import DECODE_ERRORS, decode_fitted, fit_boxes, probe_image
+from jdet.data.images import DECODE_ERRORS, RESCALED, decode_fitted, fit_boxes, probe_image
 from jdet.data.records import AnnotationError, Example, SkipLog, clean_annotations, clean_boxes
 
 __all__ = ["CocoSource", "ImageFileSource", "ParsedImage"]
@@ -164,6 +165,7 @@ class ImageFileSource:
         if reason:
           self.skip_log.fix(reason, file=file, record=record,
                             detail=f"recorded (h, w) {tuple(size)}, image {info.size}")
+        if reason == RESCALED:
           areas = areas * (info.height * info.width) / (size[0] * size[1])
       size = info.size
     boxes, kept = clean_boxes(boxes, size=size, file=file, record=record,

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ImageInfo", "decode_image", "probe_image", "image_size", "exif_orientation",
     "orient_boxes", "fit_boxes", "decode_fitted", "TRANSPOSING_ORIENTATIONS", "DECODE_ERRORS",
+    "ROTATED", "RESCALED", "KEPT",
 ]
 
 ImageData = bytes | str | Path
@@ -153,18 +154,36 @@ def orient_boxes(boxes: np.ndarray, orientation: int, stored_size: tuple[int, in
                    np.maximum(xa, xb), np.maximum(ya, yb)], axis=-1).astype(np.float32)
 
 
+# The reasons :func:`fit_boxes` gives, as counted in a skip log.
+ROTATED = "boxes given in unrotated EXIF frame, rotated upright"
+RESCALED = "stored image size differs from the image, boxes rescaled"
+KEPT = ("stored image size differs from the image and is no uniform scale of it, boxes kept "
+        "as annotated (those outside the image clipped or skipped)")
+
+
+def _uniform_scale(stored_size: tuple[int, int], size: tuple[int, int]) -> bool:
+  """Whether ``size`` is ``stored_size`` scaled by one factor (sides rounded to pixels)."""
+  (hs, ws), (h, w) = stored_size, size
+  sx, sy = w / ws, h / hs
+  return abs(hs * sx - h) <= 1.0 or abs(ws * sy - w) <= 1.0
+
+
 def fit_boxes(boxes: np.ndarray, stored_size: tuple[int, int],
               info: ImageInfo) -> tuple[np.ndarray, str | None]:
   """Moves boxes annotated against ``stored_size`` into the real upright image.
 
   Annotation files record the size of the frame their coordinates live in. When
-  it disagrees with the upright image:
+  it disagrees with the upright image, the image is trusted:
 
   * it equals the stored pixels' size of an image with a rotating EXIF
     orientation (5..8): the boxes were drawn on the unrotated pixels and are
-    turned with the image (:func:`orient_boxes`);
-  * otherwise (e.g. images resized after annotation): the boxes are scaled by
-    the ratio of the sizes.
+    turned with the image (:func:`orient_boxes`), reason :data:`ROTATED`;
+  * the image is the stored size scaled by one factor (resized after
+    annotation, sides rounded to whole pixels): the boxes are scaled by it,
+    reason :data:`RESCALED`;
+  * otherwise (e.g. a wrong ``<width>`` alone, which would stretch the boxes
+    along one axis): the boxes are kept as annotated, reason :data:`KEPT`;
+    the caller clips (or skips) those that do not fit the image.
 
   Orientations 2..4 keep the size, so a mismatch cannot reveal them: boxes of an
   image whose stored size equals its upright size are taken to be upright.
@@ -175,19 +194,20 @@ def fit_boxes(boxes: np.ndarray, stored_size: tuple[int, int],
     info: the real image, from :func:`probe_image`.
   Returns:
     ``([N, 4] float32 boxes in the upright image, reason)``; ``reason`` is None
-    when nothing had to change, else a short text for :meth:`SkipLog.fix`.
+    when nothing had to change, else one of the texts above for :meth:`SkipLog.fix`.
   """
   b = np.asarray(boxes, np.float32).reshape(-1, 4)
   stored_size = (int(stored_size[0]), int(stored_size[1]))
   if stored_size == info.size:
     return b, None
   if info.orientation in TRANSPOSING_ORIENTATIONS and stored_size == info.stored_size:
-    reason = "boxes given in unrotated EXIF frame, rotated upright"
-    return orient_boxes(b, info.orientation, stored_size), reason
+    return orient_boxes(b, info.orientation, stored_size), ROTATED
+  if not _uniform_scale(stored_size, info.size):
+    return b, KEPT
   sy = info.height / stored_size[0]
   sx = info.width / stored_size[1]
   scale = np.array([sx, sy, sx, sy], np.float32)
-  return (b * scale).astype(np.float32), "stored image size differs from the image, boxes rescaled"
+  return (b * scale).astype(np.float32), RESCALED
 
 
 # ----------------------------------------------------------------------------

@@ -38,6 +38,11 @@ Conventions
   :class:`AnnotationError` naming the file, the image and the field. A name in
   the split file without an XML file is counted as skipped. A missing
   ``size`` (or a size of 0) is read from the image.
+* **Sizes.** The image is trusted over ``<size>``: boxes are rescaled only when
+  the image is ``<size>`` scaled by one factor (resized after annotation);
+  another disagreement (a wrong ``<width>`` alone) keeps the boxes as
+  annotated, clips those that leave the image, and counts it as a fix
+  (:func:`jdet.data.images.fit_boxes`).
 """
 
 from __future__ import annotations

@@ -124,3 +124,44 @@ def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog)
   assert f"{sum(cut)} boxes beyond data.max_boxes=1" in summary[0]
   assert "1 x coco instances.json: skipped: unreadable image" in summary[0]
   assert "1 x coco instances.json: fixed: L (greyscale) image converted to RGB" in summary[0]
+
+
+def _voc_tree(root, images: dict[str, tuple[tuple[int, int], tuple[int, int], list]]) -> str:
+  """A VOC-layout tree: ``{name: ((h, w) of the image, (h, w) in <size>, [(xmin, ymin, xmax,
+  ymax), ...])}``, every object a "raccoon"."""
+  for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+  for name, ((h, w), (sh, sw), boxes) in images.items():
+    Image.new("RGB", (w, h), (90, 120, 30)).save(os.path.join(root, "JPEGImages", f"{name}.jpg"))
+    objects = "".join(
+        f"<object><name>raccoon</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for b in boxes)
+    with open(os.path.join(root, "Annotations", f"{name}.xml"), "w") as f:
+      f.write(f"<annotation><filename>{name}.jpg</filename><size><width>{sw}</width>"
+              f"<height>{sh}</height><depth>3</depth></size>{objects}</annotation>")
+  with open(os.path.join(root, "ImageSets", "Main", "train.txt"), "w") as f:
+    f.write("\n".join(images) + "\n")
+  return root
+
+
+def test_voc_size_that_is_no_uniform_scale_keeps_the_boxes(tmp_path):
+  from jdet.data.voc import VocSource
+  root = _voc_tree(str(tmp_path), {
+      # A wrong <width> alone: the boxes fit the real 64-pixel-wide image as annotated.
+      "wrong_width": ((48, 64), (48, 128), [(11, 5, 50, 40), (41, 9, 100, 30)]),
+      # Resized after annotation (2x smaller on both sides): rescaled, as before.
+      "resized": ((24, 32), (48, 64), [(11, 5, 50, 40)]),
+  })
+  for check_sizes in (True, False):  # checked at start-up, or found when the image is read
+    src = VocSource(root, "train", class_names=("raccoon",), check_sizes=check_sizes)
+    examples = [src[i] for i in range(len(src))]  # each image read once
+    by_name = {os.path.basename(e.file): e for e in examples}
+    np.testing.assert_allclose(by_name["wrong_width.jpg"].boxes,
+                               [[10, 4, 50, 40], [40, 8, 64, 30]])  # the second one clipped
+    np.testing.assert_allclose(by_name["resized.jpg"].boxes, [[5, 2, 25, 20]])
+    counts = src.skip_log.counts()
+    assert any("no uniform scale of it, boxes kept" in k for k in counts), counts
+    assert counts.get("fixed: box clipped to image") == 1, counts
+  gt = VocSource(root, "train", class_names=("raccoon",)).coco_ground_truth()
+  assert sorted(a["bbox"] for a in gt["annotations"])[0] == [5.0, 2.0, 20.0, 18.0]
