@@ -12,8 +12,9 @@ raised: an image or annotation with a missing key (``id``, ``file_name``,
 that does not exist, a box with NaN/inf coordinates, or an empty, inverted or
 outside box. A *structurally malformed file* raises
 :class:`~jdet.data.records.AnnotationError` naming the file, the record (e.g.
-``'annotation id 17'``) and the field: not JSON; no ``images`` or
-``categories`` list; a record that is not an object; a key present with a
+``'annotation id 17'``) and the field: not JSON; no ``images``,
+``categories`` or ``annotations`` list (an image-info file without ground
+truth); a record that is not an object; a key present with a
 value of the wrong type (``bbox`` not 4 numbers, a string id, ``iscrowd`` not
 0/1); a category without an integer ``id`` or a ``name``; duplicate ids.
 In short: a missing key is a bad record, a wrong value is a broken writer.
@@ -335,7 +336,13 @@ class _Parser:
       if not isinstance(data.get(key), list):
         raise self.error(None, key, "missing" if key not in data else
                          f"expected a list, got {type(data[key]).__name__}")
-    if not isinstance(data.get("annotations", []), list):
+    if "annotations" not in data:
+      # An image-info file (COCO's image_info_test-dev2017.json) has no ground truth:
+      # training would see no objects and evaluation would give AP nan, silently.
+      raise self.error(None, "annotations", "missing: a detection annotation file needs an "
+                       "'annotations' list (an empty one for images without objects); an "
+                       "image-info file without ground truth cannot be trained or evaluated on")
+    if not isinstance(data["annotations"], list):
       raise self.error(None, "annotations", f"expected a list, got "
                        f"{type(data['annotations']).__name__}")
     return data
@@ -480,7 +487,7 @@ class CocoSource(ImageFileSource):
     label_of = {c: i for i, c in enumerate(category_ids)}
     images = parser.images(data["images"])
     rows = [parser.annotation(i, a, images, label_of)
-            for i, a in enumerate(data.get("annotations", []))]
+            for i, a in enumerate(data["annotations"])]
     rows = [r for r in rows if r is not None]
     seen: set[int] = set()
     for r in rows:

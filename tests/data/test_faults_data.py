@@ -165,3 +165,21 @@ def test_voc_size_that_is_no_uniform_scale_keeps_the_boxes(tmp_path):
     assert counts.get("fixed: box clipped to image") == 1, counts
   gt = VocSource(root, "train", class_names=("raccoon",)).coco_ground_truth()
   assert sorted(a["bbox"] for a in gt["annotations"])[0] == [5.0, 2.0, 20.0, 18.0]
+
+
+def test_coco_file_without_annotations_is_a_start_up_error_naming_file_and_key(tmp_path):
+  ann_file, image_dir = _coco_set(tmp_path)
+  with open(ann_file) as f:
+    data = json.load(f)
+  del data["annotations"]  # what an image-info (test-dev) file looks like
+  with open(ann_file, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(records.AnnotationError) as excinfo:
+    CocoSource(ann_file, image_dir)
+  assert excinfo.value.file == ann_file and excinfo.value.field == "annotations"
+  assert "missing" in str(excinfo.value) and "instances.json" in str(excinfo.value)
+  # An empty list is a file of images without objects, and fine.
+  data["annotations"] = []
+  with open(ann_file, "w") as f:
+    json.dump(data, f)
+  assert len(CocoSource(ann_file, image_dir)) == NUM_IMAGES - 1  # the undecodable one counted
