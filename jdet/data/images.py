@@ -18,7 +18,9 @@ the same treatment of the quirks of real photo collections:
   byte, within one level of the rounded value) and counted too.
 * **Missing or corrupt files** (absent, truncated, not an image) give ``None``
   after :meth:`SkipLog.skip` names the file and record: the pipeline drops the
-  example instead of crashing.
+  example instead of crashing. A JPEG that lost only the end of its data (at
+  most :data:`MAX_TRUNCATED_ROWS` of its rows) is decoded as OpenCV would, the
+  missing end mid-grey, and used with a counted fix.
 
 :func:`image_size` and :func:`probe_image` read only the header, for start-up
 checks of the sizes stored in annotation files, and :func:`fit_boxes` maps boxes
@@ -260,9 +262,61 @@ def _to_rgb8(im: Image.Image, fix: Callable[[str], None]) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
+# A JPEG cut short (a copy or download that lost its last bytes) still decodes when
+# its end-of-image marker is put back: libjpeg fills the missing end of the scan with
+# mid-grey, as OpenCV and Pillow's LOAD_TRUNCATED_IMAGES do. Such an image is used (a
+# counted fix) when at most this fraction of its rows is fill, else it is skipped.
+MAX_TRUNCATED_ROWS = 0.1
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_FILL = 128  # the grey libjpeg decodes missing blocks to
+
+
+class _MostlyMissing(OSError):
+  """A truncated JPEG whose decodable part is too small to train on."""
+
+
+def _filled_rows(pixels: np.ndarray) -> int:
+  """How many rows at the bottom of ``[H, W(, C)]`` pixels are uniform decoder fill."""
+  fill = np.all(pixels.reshape(pixels.shape[0], -1) == _FILL, axis=1)
+  return int(np.argmin(fill[::-1])) if not fill.all() else len(fill)
+
+
+def _decode(data: ImageData, fix: Callable[[str], None], *, truncated: bool = False) -> np.ndarray:
+  """Decodes to upright ``[H, W, 3]`` uint8 RGB, reporting conversions; raises on failure.
+
+  ``truncated``: ``data`` is a cut JPEG with its end marker put back; more than
+  :data:`MAX_TRUNCATED_ROWS` of fill raises :class:`_MostlyMissing`.
+  """
+  with _open(data) as im:
+    if im.mode == "RGB" and _is_16bit_colour(im):
+      fix("16-bit colour image reduced to 8 bits")
+    im.load()  # Decodes now, so truncation raises here.
+    if truncated:
+      h = im.size[1]
+      filled = _filled_rows(np.asarray(im))
+      if filled > MAX_TRUNCATED_ROWS * h:
+        raise _MostlyMissing(f"truncated JPEG: {filled} of its {h} rows missing")
+    orientation = exif_orientation(im)
+    if orientation != 1:
+      im = ImageOps.exif_transpose(im)
+      fix(f"EXIF orientation {orientation} applied")
+    return _to_rgb8(im, fix)
+
+
+def _read_bytes(data: ImageData) -> bytes:
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    return bytes(data)
+  with open(data, "rb") as f:
+    return f.read()
+
+
 def decode_image(data: ImageData, *, file: str, record: Any,
                  skip_log: SkipLog) -> np.ndarray | None:
   """Decodes an image to upright 8-bit RGB.
+
+  A JPEG that lost the end of its data is decoded as far as it goes (the rest
+  mid-grey, as OpenCV does) and used with a counted fix when at most
+  :data:`MAX_TRUNCATED_ROWS` of its rows are missing; with more it is skipped.
 
   Args:
     data: encoded bytes, or a path to the file.
@@ -278,15 +332,17 @@ def decode_image(data: ImageData, *, file: str, record: Any,
     skip_log.fix(reason, file=file, record=record)
 
   try:
-    with _open(data) as im:
-      if im.mode == "RGB" and _is_16bit_colour(im):
-        fix("16-bit colour image reduced to 8 bits")
-      im.load()  # Decodes now, so truncation raises here.
-      orientation = exif_orientation(im)
-      if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-        fix(f"EXIF orientation {orientation} applied")
-      array = _to_rgb8(im, fix)
+    try:
+      array = _decode(data, fix)
+    except OSError as e:
+      if "truncated" not in str(e).lower() or isinstance(e, FileNotFoundError):
+        raise
+      raw = _read_bytes(data)
+      if not raw.startswith(_JPEG_START):
+        raise
+      array = _decode(raw + _JPEG_END, fix, truncated=True)
+      skip_log.fix("truncated JPEG decoded, its missing end filled", file=file, record=record,
+                   detail=f"{type(e).__name__}: {e}")
   except FileNotFoundError as e:
     skip_log.skip("missing image", file=file, record=record, detail=str(e))
     return None

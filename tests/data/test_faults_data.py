@@ -8,6 +8,7 @@ reported: in ``metrics.jsonl``, in the end-of-run summary, once per file.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from jdet import training
-from jdet.data import builder, pipeline, records
+from jdet.data import builder, images, pipeline, records
 from jdet.data.coco import CocoSource
 from jdet.data.records import DataReport, SkipLog
 
@@ -183,3 +184,33 @@ def test_coco_file_without_annotations_is_a_start_up_error_naming_file_and_key(t
   with open(ann_file, "w") as f:
     json.dump(data, f)
   assert len(CocoSource(ann_file, image_dir)) == NUM_IMAGES - 1  # the undecodable one counted
+
+
+def _jpeg(h: int = 120, w: int = 160) -> tuple[bytes, np.ndarray]:
+  """A JPEG of random pixels and its full decode."""
+  pixels = np.random.default_rng(3).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+  data = buf.getvalue()
+  return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_jpeg_missing_its_last_bytes_is_used_with_a_counted_fix(tmp_path):
+  data, full = _jpeg()
+  path = tmp_path / "cut.jpg"
+  path.write_bytes(data[:-20])  # what a copy cut short leaves; Pillow alone refuses it
+  with pytest.raises(OSError, match="truncated"):
+    Image.open(path).load()
+  log = SkipLog("cut")
+  out = images.decode_image(path, file=str(path), record=1, skip_log=log)
+  assert out is not None and out.shape == full.shape
+  rows_equal = np.all(out == full, axis=(1, 2))
+  assert rows_equal[:96].all()  # all but the last row of 16-pixel blocks as stored
+  assert log.counts() == {"fixed: truncated JPEG decoded, its missing end filled": 1}
+
+
+def test_jpeg_missing_half_its_data_is_skipped(tmp_path):
+  data, _ = _jpeg()
+  log = SkipLog("half")
+  assert images.decode_image(data[:len(data) // 2], file="half.jpg", record=2, skip_log=log) is None
+  assert log.counts() == {"skipped: unreadable image": 1}
