@@ -61,7 +61,7 @@ import numpy as np
 from jdet.convert.resnet import fpn_params, resnet_params
 
 __all__ = ["sparse_rcnn_variables", "is_mmdet_sparse_rcnn_state_dict", "sparse_rcnn_sizes",
-           "check_variables"]
+           "sparse_rcnn_num_classes", "check_variables"]
 
 _HEAD = "roi_head.bbox_head"
 _IGNORED_SUFFIX = "num_batches_tracked"
@@ -120,6 +120,12 @@ def sparse_rcnn_sizes(state_dict: Mapping[str, Any]) -> dict[str, int]:
               feedforward_dim=int(np.shape(sd[f"{_HEAD}.0.ffn.layers.0.0.weight"])[0]),
               num_cls_fcs=count("cls_fcs"), num_reg_fcs=count("reg_fcs"),
               depth=resnet_depth(sd, "backbone."))
+
+
+def sparse_rcnn_num_classes(state_dict: Mapping[str, Any]) -> int:
+  """The checkpoint's class count (sigmoid classes, no background: 80 for COCO, in the
+  order of COCO's category ids, which is jdet's COCO label order)."""
+  return sparse_rcnn_sizes(state_dict)["num_classes"]
 
 
 class _Taker:
@@ -206,7 +212,7 @@ def _neck(sd: Mapping[str, Any], used: set[str]) -> dict:
   return fpn_params(renamed, prefix="fpn.")
 
 
-def sparse_rcnn_variables(state_dict: Mapping[str, Any]) -> dict:
+def sparse_rcnn_variables(state_dict: Mapping[str, Any], num_classes: int | None = None) -> dict:
   """An MMDetection Sparse R-CNN state dict -> ``SparseRCNN`` variables.
 
   Args:
@@ -214,6 +220,11 @@ def sparse_rcnn_variables(state_dict: Mapping[str, Any]) -> dict:
       dict with it under ``"state_dict"``. The sizes (stages, proposals, classes,
       widths, ResNet depth) are read from it (:func:`sparse_rcnn_sizes`) and every
       other entry's shape is checked against them.
+    num_classes: the jdet model's class count, for the converter table's signature.
+      The class layers convert as they are whatever it says (MMDetection's class
+      indices are already jdet's); where it differs from the checkpoint's, loading
+      into the model reports the ``cls_logits`` shapes (:func:`check_variables`)
+      and can load the rest.
   Returns:
     ``{"params": {"backbone", "neck", "proposal_boxes", "proposal_features",
     "stage0", ...}, "batch_stats": {"backbone"}}`` of NumPy arrays in the state
@@ -222,6 +233,7 @@ def sparse_rcnn_variables(state_dict: Mapping[str, Any]) -> dict:
     ValueError: naming every missing and every unused entry, or the first entry
     whose shape does not fit (with both shapes).
   """
+  del num_classes  # see the docstring
   sd = _unwrap(state_dict)
   sizes = sparse_rcnn_sizes(sd)
   d = sizes["hidden_dim"]

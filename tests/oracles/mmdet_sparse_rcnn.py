@@ -305,7 +305,7 @@ def _data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype):
 
 def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
         gt_boxes: Sequence[np.ndarray] | None = None,
-        gt_labels: Sequence[np.ndarray] | None = None) -> dict:
+        gt_labels: Sequence[np.ndarray] | None = None, *, head_grads: bool = False) -> dict:
   """Runs MMDetection's Sparse R-CNN: inference, and the training loss if ground truth is given.
 
   Shapes: B images, N proposals, C classes, S stages, G_b boxes of image b.
@@ -319,6 +319,9 @@ def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
       and loss).
     gt_boxes: per image ``[G_b, 4]`` xyxy in input pixels (``G_b`` may be 0).
     gt_labels: per image ``[G_b]`` in ``0 .. C-1``.
+    head_grads: also return the gradient of the summed 18 terms with respect to the
+      proposals and the stages (the backbone and FPN are held fixed for this pass, so
+      that no backward runs through them).
   Returns:
     A dict of NumPy arrays:
 
@@ -339,7 +342,9 @@ def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
     * ``assignment``: S arrays ``[B, N]`` int, the matched ground-truth index of each
       proposal, -1 for background;
     * ``costs``: S lists of B cost matrices ``[N, G_b]`` (None for an image without
-      boxes: MMDetection builds no cost for it).
+      boxes: MMDetection builds no cost for it);
+    * with ``head_grads``, ``grads``: ``{parameter name: gradient}`` of every
+      ``rpn_head.*`` and ``roi_head.*`` parameter.
   """
 
   dtype = next(model.parameters()).dtype
@@ -375,10 +380,25 @@ def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
   if gt_boxes is None:
     return out
   record.clear()
-  with torch.no_grad(), _recording(model, record):
-    samples = _data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype)
-    losses = model.loss(x, samples)
-  out["losses"] = {k: float(v) for k, v in losses.items() if "loss" in k}
+  fixed = [p for name, p in model.named_parameters() if name.startswith(("backbone.", "neck."))]
+  trainable = [p.requires_grad for p in fixed]
+  try:
+    for p in fixed:
+      p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(head_grads), _recording(model, record):
+      samples = _data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype)
+      losses = model.loss(x, samples)
+      if head_grads:
+        sum(v for k, v in losses.items() if "loss" in k).backward()
+  finally:
+    for p, flag in zip(fixed, trainable):
+      p.requires_grad_(flag)
+  if head_grads:
+    out["grads"] = {name: p.grad.detach().cpu().numpy() for name, p in model.named_parameters()
+                    if name.startswith(("rpn_head.", "roi_head.")) and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+  out["losses"] = {k: float(v.detach()) for k, v in losses.items() if "loss" in k}
   out["train_logits"] = record["logits"]
   out["train_boxes"] = record["boxes"]
   stages = len(record["logits"])
