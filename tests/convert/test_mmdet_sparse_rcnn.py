@@ -24,6 +24,11 @@ in float64 (``dtype=jnp.float64`` under ``jax.enable_x64``). Compared:
   clipping MMDetection's boxes to the image as jdet's decoding does (MMDetection's
   Sparse R-CNN returns unclipped boxes; the authors clip).
 
+Parts that the random model leaves idle are compared with MMDetection's own
+functions directly: the box update's clamp at +-4.135 (the tamed deltas never
+reach it), the matching cost at saturated logits (where its epsilon matters) and
+the FPN level of RoIs at the level boundaries.
+
 The oracle's random weights: MMDetection's own initialisation, except what
 would make the comparison blind (see ``build(tame=True)``): backbone BatchNorms
 with random affine and statistics, proposal boxes spread over the image (all
@@ -485,3 +490,84 @@ def test_head_gradients(jdet_outputs, mmdet_outputs, mmdet_state_dict):
     assert err < 1e-5, f"{jax.tree_util.keystr(path)}: {err:.1e} of max |grad| {scale:.2e}"
   name = max(worst, key=worst.get)
   print(f"worst gradient leaf {name}: {worst[name]:.1e}")
+
+
+# ----------------------------------------------------------------------------
+# Parts that the random model leaves idle, against MMDetection's own code.
+# ----------------------------------------------------------------------------
+
+
+def test_box_update_against_mmdet_coder(rng):
+  """``apply_deltas(symmetric_clamp=True, scale_clamp=MMDET_SCALE_CLAMP)`` is MMDetection's
+  ``DeltaXYWHBBoxCoder(target_stds=(0.5, 0.5, 1, 1), clip_border=False).decode``, the
+  clamp at +-log(1000 / 16) included (the parity model's deltas never reach it)."""
+  _oracle().install_cpu_ops()
+  import torch
+  from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
+
+  from jdet.models.heads.sparse_rcnn_head import apply_deltas
+  xy = rng.uniform(-50, 300, (500, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(1, 400, (500, 2))], -1)
+  deltas = rng.normal(0, 1, (500, 4)) * np.array([1.0, 1.0, 4.0, 4.0])
+  assert (deltas[:, 2:] > MMDET_SCALE_CLAMP).any() and (deltas[:, 2:] < -MMDET_SCALE_CLAMP).any()
+  coder = DeltaXYWHBBoxCoder(target_means=(0.0,) * 4, target_stds=(0.5, 0.5, 1.0, 1.0),
+                             clip_border=False)
+  theirs = coder.decode(torch.from_numpy(boxes), torch.from_numpy(deltas),
+                        max_shape=(256, 320)).numpy()
+  with jax.enable_x64(True):
+    mine = np.asarray(apply_deltas(jnp.asarray(deltas), jnp.asarray(boxes),
+                                   scale_clamp=MMDET_SCALE_CLAMP, symmetric_clamp=True))
+  np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-9)
+
+
+def test_matching_cost_against_mmdet_costs(rng):
+  """``matching_cost(eps=1e-12)`` is the sum of MMDetection's ``FocalLossCost(weight=2)``,
+  ``BBoxL1Cost(weight=5, box_format="xyxy")`` and ``IoUCost("giou", weight=2)``, also at
+  saturated logits (+-30), where the epsilon inside the logarithms decides the cost."""
+  _oracle().install_cpu_ops()
+  import torch
+  from mmdet.models.task_modules.assigners.match_cost import BBoxL1Cost, FocalLossCost, IoUCost
+  from mmengine.structures import InstanceData
+
+  from jdet.models.sparse_rcnn import matching_cost
+  n, g, c, (h, w) = 50, 7, 80, (200, 300)
+  logits = rng.normal(-3, 3, (n, c))
+  logits[:5] = 30.0
+  logits[5:10] = -30.0
+  xy = rng.uniform(0, 250, (n + g, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(2, 150, (n + g, 2))], -1)
+  pred, gt = boxes[:n], boxes[n:]
+  labels = rng.integers(0, c, g)
+  p = InstanceData(scores=torch.from_numpy(logits), bboxes=torch.from_numpy(pred))
+  t = InstanceData(labels=torch.from_numpy(labels), bboxes=torch.from_numpy(gt))
+  meta = dict(img_shape=(h, w))
+  theirs = sum(cost(pred_instances=p, gt_instances=t, img_meta=meta).numpy() for cost in (
+      FocalLossCost(weight=2.0), BBoxL1Cost(weight=5.0, box_format="xyxy"),
+      IoUCost(iou_mode="giou", weight=2.0)))
+  with jax.enable_x64(True):
+    mine = np.asarray(matching_cost(jnp.asarray(logits), jnp.asarray(pred), jnp.asarray(gt),
+                                    jnp.asarray(labels), jnp.asarray([w, h, w, h], jnp.float64),
+                                    eps=1e-12))
+  np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_roi_levels_against_mmdet(rng):
+  """jdet's FPN level of a RoI is MMDetection's ``SingleRoIExtractor.map_roi_levels``
+  (``finest_scale=56``), at random sizes and exactly at the level boundaries."""
+  _oracle().install_cpu_ops()
+  import torch
+  from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+
+  from jdet.ops.roi_align import map_roi_levels
+  sides = np.concatenate([np.exp(rng.uniform(np.log(2), np.log(1500), (2000, 2))),
+                          np.repeat([[56.0, 56.0], [112.0, 112.0], [224.0, 224.0],
+                                     [448.0, 448.0], [111.99, 112.0], [448.0, 447.99]], 1, 0)])
+  boxes = np.concatenate([np.full_like(sides, 10.0), 10.0 + sides], -1)
+  extractor = SingleRoIExtractor(roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=2),
+                                 out_channels=256, featmap_strides=[4, 8, 16, 32])
+  rois = torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1)), boxes], -1))
+  theirs = extractor.map_roi_levels(rois, 4).numpy()
+  with jax.enable_x64(True):
+    mine = np.asarray(map_roi_levels(jnp.asarray(boxes), min_level=2, max_level=5))
+  np.testing.assert_array_equal(mine, theirs)
+  assert set(theirs.tolist()) == {0, 1, 2, 3}
