@@ -5,7 +5,9 @@ any checkpoint, the weights named by ``--config.init.weights``) on the
 config's validation split and writes to ``WORKDIR/eval/``:
 
 * ``metrics.json``: AP, AP50, AP75, APs, APm, APl (pycocotools, with the
-  dataset's category ids), AR, per-class AP (and VOC07 mAP for VOC configs);
+  dataset's category ids), AR, per-class AP (and VOC07 mAP for VOC configs),
+  and under ``data`` the distinct images and boxes skipped or fixed while
+  reading, by reason;
 * ``detections.json``: the detections in COCO results format;
 * ``pr_curves.png``: precision-recall curves per class at IoU 0.5;
 * ``detections.png``: a grid of evaluation images with their detections.
@@ -44,7 +46,7 @@ def main(argv) -> None:
   import numpy as np
 
   from jdet import parallel, training, viz
-  from jdet.data import pipeline
+  from jdet.data import pipeline, records
   from jdet.evaluation import format_per_class_table, json_safe
   from jdet.evaluation import loop as eval_loop
   from jdet.evaluation import tta
@@ -86,9 +88,14 @@ def main(argv) -> None:
     bar.close()
   if jax.process_index() != 0:
     return
+  # Distinct images and boxes skipped or fixed while reading (in this process; data
+  # workers, with data.num_workers > 0, warn on their own).
+  report = records.DataReport()
+  report.add(records.drain_notes())
   metrics = dict(result.metrics, step=step, split=_SPLIT.value,
                  seconds=round(time.time() - t0, 1),
-                 tta=tta_settings.to_dict() if tta_settings else None)
+                 tta=tta_settings.to_dict() if tta_settings else None,
+                 data=dict(report.totals(), by_reason=report.counts()))
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   summary = metrics.pop("summary", "")
@@ -114,6 +121,8 @@ def main(argv) -> None:
     cols = int(np.ceil(np.sqrt(len(drawn))))
     viz.save_png(os.path.join(out_dir, "detections.png"), viz.image_grid(drawn, cols))
 
+  if report.counts():
+    print(f"Input skipped or fixed (distinct images or boxes):\n{report.summary()}")
   if tta_settings:
     print(f"Test-time augmentation: {tta_settings.describe()}")
   print(summary)

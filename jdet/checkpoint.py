@@ -187,6 +187,14 @@ def _params_first(name: str) -> tuple[bool, str]:
   return not name.startswith("params/"), name
 
 
+def _all_processes_agree(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def _shape_text(shape: tuple, dtype: str) -> str:
   return f"{list(shape)} {dtype}"
 
@@ -452,12 +460,18 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     damaged = []
     for step in reversed(steps):
+      error = None
       try:
         state = self.restore(state_template, step=step, data_iterator=data_iterator)
       except CheckpointDamagedError as e:
+        error = e
+      if not _all_processes_agree(error is None):  # a step damaged for one is for all
+        error = error or CheckpointDamagedError(step, self._step_dir(step),
+                                                "damaged as read by another process")
+      if error is not None:
         moved = self.move_aside(step)
-        log.error("%s; moved to %s, trying the previous step", e, moved)
-        damaged.append(e)
+        log.error("%s; moved to %s, trying the previous step", error, moved)
+        damaged.append(error)
         continue
       if damaged:
         log.warning("resuming from checkpoint %d, the newest intact one (damaged and moved "

@@ -116,15 +116,20 @@ def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.nda
   """The variables to evaluate: checkpoint ``step`` (default the latest) of
   ``workdir``; with no checkpoint at all, the weights of ``config.init``
   (e.g. converted torchvision weights). Returns ``(variables, step or None)``."""
-  state, _ = init_state(model, config, sample_batch, total_steps=int(config.train.num_steps),
-                        load_weights=False)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
+    # Checked before the model is initialised (seconds to minutes of compiling).
+    if step is not None and step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; "
+                              f"available steps: {ckpt.all_steps()}")
+    init = config.get("init")
     if step is None and ckpt.latest_step() is None:
-      init = config.get("init")
       if not (init and (init.get("weights") or init.get("backbone"))):
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
                                 f"to evaluate; train first or pass --config.init.weights=FILE")
+    state, _ = init_state(model, config, sample_batch,
+                          total_steps=int(config.train.num_steps), load_weights=False)
+    if step is None and ckpt.latest_step() is None:
       log.info("no checkpoint in %s: evaluating the weights of config.init", ckpt.directory)
       variables = load_initial_weights(state.variables, init)
       state = state.replace(params=variables["params"],

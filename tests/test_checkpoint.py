@@ -17,6 +17,7 @@ from jdet import optim
 from jdet.checkpoint import (CheckpointDamagedError, Checkpointer, CheckpointMismatchError,
                              StopRequest)
 from jdet.train_state import TrainState
+from tests.helpers import flip_bytes, largest_file, truncate_file
 
 
 def _state(seed: int) -> TrainState:
@@ -151,48 +152,28 @@ def _big_state(seed: int) -> dict:
           "step": jnp.asarray(seed, jnp.int32)}
 
 
-def _largest_file(folder) -> str:
-  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
-  return max(files, key=os.path.getsize)
-
-
-def _truncate(path, keep: float = 0.5) -> None:
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    f.truncate(int(size * keep))
-
-
-def _flip_bytes(path, count: int = 3) -> None:
-  """Inverts ``count`` bytes in the middle of ``path``."""
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    for k in range(count):
-      f.seek(size // 2 + 13 * k)
-      byte = f.read(1)[0]
-      f.seek(size // 2 + 13 * k)
-      f.write(bytes([byte ^ 0xFF]))
-
-
 def _damage(step_dir, kind: str) -> str:
   """Damages the checkpoint folder ``step_dir`` as ``kind``; returns what the error must name."""
   state_dir = os.path.join(step_dir, "state")
   if kind == "truncated array file":
-    _truncate(_largest_file(os.path.join(state_dir, "ocdbt.process_0")))
+    truncate_file(largest_file(os.path.join(state_dir, "ocdbt.process_0")))
     return "state"
   if kind == "flipped bytes":
-    _flip_bytes(_largest_file(os.path.join(state_dir, "ocdbt.process_0")))
+    flip_bytes(largest_file(os.path.join(state_dir, "ocdbt.process_0")))
     return "leaf params/w"
   if kind == "truncated _METADATA":
-    _truncate(os.path.join(state_dir, "_METADATA"))
+    truncate_file(os.path.join(state_dir, "_METADATA"))
     return "_METADATA"
   if kind == "truncated iterator JSON":
-    _truncate(os.path.join(step_dir, "data", "process_0-of-1.json"))
+    truncate_file(os.path.join(step_dir, "data", "process_0-of-1.json"))
     return "process_0-of-1.json"
   if kind == "flipped iterator JSON digit":
     path = os.path.join(step_dir, "data", "process_0-of-1.json")
-    text = open(path).read()
+    with open(path) as f:
+      text = f.read()
     i = max(k for k, c in enumerate(text) if c.isdigit())
-    open(path, "w").write(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+    with open(path, "w") as f:
+      f.write(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
     return "process_0-of-1.json"
   if kind == "removed state folder":
     shutil.rmtree(state_dir)

@@ -29,13 +29,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
 
 from jdet import training
 from jdet.data.builder import ConfigError
 
 from configs import ssd300 as ssd300_config
-from tests.test_checkpoint import _flip_bytes, _largest_file, _truncate
+from tests.helpers import (checkpoint_steps, flip_bytes, jax_compile_cache, largest_file,
+                           truncate_file)
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +44,8 @@ NUM_STEPS = 12  # of the kill -9 runs, a checkpoint at every step
 NOISE = "Event loop is closed"
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's in-process runs and subprocesses."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
+# A persistent compilation cache for this module's in-process runs and subprocesses.
+compile_cache = pytest.fixture(scope="module")(jax_compile_cache)
 
 
 def _env(cache_dir: str) -> dict:
@@ -81,11 +73,6 @@ def _run(cmd, env, *, timeout: float = 300, expect: int | None = 0) -> subproces
 
 def _last_line(text: str) -> str:
   return [line for line in text.splitlines() if line.strip()][-1]
-
-
-def _steps(workdir) -> list[int]:
-  folder = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
 
 
 def _pending_writes(workdir) -> list[str]:
@@ -137,7 +124,7 @@ def reference_run(tmp_path_factory, compile_cache):
   """An uninterrupted run of NUM_STEPS steps with a checkpoint at every step."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
   _run(_cmd("train.py", workdir, *_kill_run_flags()), _env(compile_cache))
-  assert _steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]
+  assert checkpoint_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]
   return workdir
 
 
@@ -202,7 +189,7 @@ def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
   assert len(kills) >= 5 and mid_write >= 2, (kills, log_path.read_text()[-4000:])
 
   _run(_cmd("train.py", workdir, *_kill_run_flags()), env)  # to the end, after the last kill
-  assert _steps(workdir)[-1] == NUM_STEPS
+  assert checkpoint_steps(workdir)[-1] == NUM_STEPS
   assert not _pending_writes(workdir)  # cut writes were cleaned up
   _assert_same_checkpoint(workdir, reference_run, NUM_STEPS)
   lines, reference = _logged(workdir), _logged(reference_run)
@@ -220,7 +207,7 @@ def test_train_resumes_from_the_previous_step_when_the_latest_is_truncated(
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   latest = workdir / "checkpoints" / str(NUM_STEPS)
-  _truncate(_largest_file(latest / "state" / "ocdbt.process_0"))
+  truncate_file(largest_file(latest / "state" / "ocdbt.process_0"))
   proc = _run(_cmd("train.py", workdir, *_kill_run_flags()), _env(compile_cache))
   assert f"checkpoint {NUM_STEPS} is damaged: {latest / 'state'}: arrays unreadable" in proc.stderr
   assert f"resuming from checkpoint {NUM_STEPS - 1}, the newest intact one" in proc.stderr
@@ -233,7 +220,7 @@ def test_train_resumes_from_the_previous_step_when_the_latest_is_truncated(
 def test_eval_refuses_a_checkpoint_with_flipped_bytes(tmp_path, compile_cache, reference_run):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
-  _flip_bytes(_largest_file(workdir / "checkpoints" / str(NUM_STEPS) / "state" / "ocdbt.process_0"))
+  flip_bytes(largest_file(workdir / "checkpoints" / str(NUM_STEPS) / "state" / "ocdbt.process_0"))
   proc = _run(_cmd("eval.py", workdir), _env(compile_cache), expect=None)
   assert proc.returncode != 0
   last = _last_line(proc.stderr)
@@ -252,7 +239,7 @@ def test_another_models_checkpoint_is_a_clear_last_error(tmp_path, compile_cache
   assert last.startswith(f"jdet.checkpoint.CheckpointMismatchError: checkpoint {NUM_STEPS}"), last
   assert "params/backbone/fc6/kernel" in last and "in the checkpoint" in last, last
   assert NOISE not in proc.stderr
-  assert _steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]  # nothing moved aside
+  assert checkpoint_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]  # nothing moved aside
   assert not (workdir / "checkpoints" / "damaged").exists()
 
 
@@ -294,7 +281,7 @@ def test_zero_intervals_mean_off(tmp_path, compile_cache):
   result = training.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1],
                                        progress=False)
   assert result["step"] == 3
-  assert _steps(tmp_path) == [3]  # only the final checkpoint
+  assert checkpoint_steps(tmp_path) == [3]  # only the final checkpoint
   assert [m["step"] for m in _logged(tmp_path)] == [3]  # only the final log line
 
 
@@ -307,7 +294,7 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, compile_cache):
   message = str(excinfo.value)
   assert "no checkpoint was saved before it, so starting again begins at step 0" in message
   assert "holds the last good state" not in message
-  assert _steps(tmp_path) == []
+  assert checkpoint_steps(tmp_path) == []
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, compile_cache):
@@ -333,4 +320,14 @@ def test_sigterm_saves_and_exits_143(tmp_path, compile_cache):
   assert code == 128 + signal.SIGTERM == 143, text[-4000:]
   assert "stopped by SIGTERM" in text and "exiting with status 143" in text
   last = max(m["step"] for m in _logged(workdir))
-  assert _steps(workdir) == [last]  # the checkpoint of the signal
+  assert checkpoint_steps(workdir) == [last]  # the checkpoint of the signal
+
+
+def test_eval_without_a_checkpoint_says_so_before_building_anything(tmp_path):
+  config = _config()
+  t0 = time.time()
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .* and no config.init.weights"):
+    training.restore_for_eval(None, config, str(tmp_path), None, mesh=None)  # nothing built
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .*available steps: \[\]"):
+    training.restore_for_eval(None, config, str(tmp_path), None, mesh=None, step=7)
+  assert time.time() - t0 < 5
