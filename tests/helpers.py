@@ -3,8 +3,11 @@
 * NumPy weights for a model's abstract variables (:func:`numpy_variables`).
 * NumPy references: pairwise IoU (:func:`np_iou`), the best IoU of each object
   with a set of anchors (:func:`best_iou_per_object`).
-* Files and runs: PNG writing, orbax resumption of a data iterator, the
-  checkpoint steps of a workdir.
+* Files and runs: PNG writing, damaging files, a pickle that records being
+  unpickled, orbax resumption of a data iterator, the checkpoint steps of a
+  workdir, a JAX compilation cache for a module's runs.
+* torch references: torchvision ResNets with random norms, layout changes,
+  state dicts as NumPy, raccoon photos, a relative closeness check.
 * The papers' anchor presets (SSD300, SSD512, RefineDet), which no model
   builds from: the models compute their anchors from their own fields; these
   are the references that the anchor and model tests compare with.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,14 +31,17 @@ from jdet.ops.anchors import ssd_default_boxes, ssd_sizes
 # ----------------------------------------------------------------------------
 
 
-def numpy_variables(shapes, seed: int = 0, *, head_std: float | None = None):
+def numpy_variables(shapes, seed: int = 0, *, head_std: float | None = None,
+                    random_norms: bool = False):
   """Deterministic variables for the abstract ``shapes`` of ``model.init``.
 
   Conv and dense kernels ``[..., cin, cout]`` are He-normal, or ``N(0,
   head_std^2)`` under a top-level module named ``*_head`` when ``head_std`` is
   given (Faster R-CNN's heads, as their own initialisers); biases and means 0;
   norm scales and variances 1, except an L2Norm's scale (a ``*_norm``
-  module): 20, SSD's initial value. Values do not matter to the tests that use
+  module): 20, SSD's initial value. With ``random_norms``, scales and
+  variances are ``U(0.5, 1.5)`` and biases and means ``U(-0.2, 0.2)`` instead
+  (norms that are not identities). Values do not matter to the tests that use
   them, and compiling every layer's random initialiser would cost more than
   the tests.
   """
@@ -48,6 +55,9 @@ def numpy_variables(shapes, seed: int = 0, *, head_std: float | None = None):
     elif name == "kernel":
       fan_in = int(np.prod(leaf.shape[:-1]))
       value = rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape)
+    elif random_norms:
+      value = (rng.uniform(0.5, 1.5, leaf.shape) if name in ("scale", "var")
+               else rng.uniform(-0.2, 0.2, leaf.shape))
     elif name == "scale":
       value = np.full(leaf.shape, 20.0 if parent.endswith("_norm") else 1.0)
     elif name == "var":
@@ -124,6 +134,67 @@ def assert_resumes_through_orbax(make_iterator: Callable[[], Any], steps: int, d
     np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
 
 
+def largest_file(folder) -> str:
+  """The largest file anywhere under ``folder``."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def truncate_file(path, keep: float = 0.5) -> None:
+  """Cuts ``path`` to the first ``keep`` of its bytes."""
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(int(size * keep))
+
+
+def flip_bytes(path, count: int = 3) -> None:
+  """Inverts ``count`` bytes in the middle of ``path``."""
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    for k in range(count):
+      f.seek(size // 2 + 13 * k)
+      byte = f.read(1)[0]
+      f.seek(size // 2 + 13 * k)
+      f.write(bytes([byte ^ 0xFF]))
+
+
+# A pickle whose loading would call this function: a safe reader (weights_only) must refuse it.
+UNPICKLED = []
+
+
+def _record_unpickling():
+  UNPICKLED.append(True)
+  return "payload"
+
+
+class Payload:
+  """Pickles to a call of :func:`_record_unpickling`: unpickling it appends to ``UNPICKLED``."""
+
+  def __reduce__(self):
+    return (_record_unpickling, ())
+
+
+def jax_compile_cache(tmp_path_factory):
+  """A persistent JAX compilation cache for one test module's runs, as a fixture body:
+  ``compile_cache = pytest.fixture(scope="module")(jax_compile_cache)``.
+
+  Every ``train_and_evaluate`` call jits new functions; most of a smoke run is
+  compiling them (model init alone takes ~15 s on a 2-core CPU). The cache is
+  exact (keyed by the compiled program), so it changes the speed of the runs
+  and nothing else. Yields its folder (for subprocesses'
+  ``JAX_COMPILATION_CACHE_DIR``) and is switched off again afterwards.
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  compilation_cache.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()
+
+
 def checkpoint_steps(workdir) -> list[int]:
   """The committed checkpoint steps of a workdir (orbax writes ``<step>`` only once a save
   is complete); ``[]`` before the first."""
@@ -131,6 +202,83 @@ def checkpoint_steps(workdir) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+# ----------------------------------------------------------------------------
+# torch references (torch is imported on first use).
+# ----------------------------------------------------------------------------
+
+RACCOON_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon" / "JPEGImages"
+
+
+def photo_batch(size: tuple[int, int] = (96, 128), count: int = 2) -> np.ndarray:
+  """``[count, h, w, 3]`` float32: raccoon photos resized to ``size = (h, w)``, normalised
+  with the ImageNet mean and std."""
+  import pytest
+  from PIL import Image
+
+  from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+  if not RACCOON_PHOTOS.is_dir():
+    pytest.skip(f"the raccoon photos are not at {RACCOON_PHOTOS}")
+  images = []
+  for i in range(1, count + 1):
+    img = Image.open(RACCOON_PHOTOS / f"raccoon-{i}.jpg").convert("RGB").resize(size[::-1],
+                                                                                Image.BILINEAR)
+    pixels = np.asarray(img, np.float32)
+    images.append((pixels - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD))
+  return np.stack(images)
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """Draws every norm layer's affine (and BatchNorm's running statistics) at random, in place."""
+  import torch
+
+  g = torch.Generator().manual_seed(seed)
+  uniform = lambda t, lo, hi: t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+  with torch.no_grad():
+    for m in model.modules():
+      if hasattr(m, "running_var") and hasattr(m, "weight"):  # BatchNorm2d, FrozenBatchNorm2d
+        uniform(m.running_mean, -0.5, 0.5)
+        uniform(m.running_var, 0.5, 2.0)
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) or hasattr(m, "running_var"):
+        uniform(m.weight, 0.5, 1.5)
+        uniform(m.bias, -0.5, 0.5)
+  return model
+
+
+def torch_resnet(depth: int, *, seed: int = 0, **kwargs) -> torch.nn.Module:
+  """torchvision's ``resnet{depth}(weights=None)`` (18, 34 or 50) in eval mode, random norms."""
+  import torch
+  import torchvision
+
+  torch.manual_seed(seed)
+  make = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+          50: torchvision.models.resnet50}[depth]
+  return randomize_norms(make(weights=None, **kwargs), seed).eval()
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+  import torch
+
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+  return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+  """Copies: ``Tensor.numpy()`` shares memory, and torch's train mode updates buffers in place."""
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def assert_close(got, want, *, rel: float = 1e-4, what: str = "") -> None:
+  """``max |got - want| <= rel * max |want|`` (the same shape)."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
 
 
 # ----------------------------------------------------------------------------

@@ -20,12 +20,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jdet import training
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import checkpoint_steps
+from tests.helpers import checkpoint_steps, jax_compile_cache
 
 pytestmark = pytest.mark.slow
 
@@ -37,22 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs (and its subprocesses).
-
-  Every ``train_and_evaluate`` call jits new functions; most of a smoke run is
-  compiling them (model init alone takes ~15 s on a 2-core CPU). The cache is
-  exact (keyed by the compiled program), so it changes the speed of the runs
-  and nothing else. It is switched off again afterwards.
-  """
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
+# A persistent compilation cache for this module's runs (and its subprocesses).
+compile_cache = pytest.fixture(scope="module", autouse=True)(jax_compile_cache)
 
 
 def _config(num_steps: int = NUM_STEPS, **train):

@@ -33,9 +33,8 @@ from jdet import convert
 from jdet.convert.__main__ import main as convert_main
 from jdet.models.backbones.resnet import ResNet
 from jdet.models.necks.fpn import FPN
-from tests.convert.test_torchvision_ssd import UNPICKLED, _Payload
-from tests.models.test_resnet import (assert_close, photo_batch, randomize_norms,
-                                      state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
+from tests.helpers import (UNPICKLED, Payload, assert_close, photo_batch, randomize_norms,
+                           state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
 
 
 def _random_biases(model: torch.nn.Module) -> None:
@@ -188,7 +187,7 @@ def test_loading_resnets_into_params_alone_or_a_wrong_model_is_refused(resnet18_
 def test_a_pickle_with_objects_is_refused(tmp_path):
   path = tmp_path / "evil.pth"
   with open(path, "wb") as fh:
-    pickle.dump({"conv1.weight": _Payload(), "layer1.0.conv1.weight": _Payload()}, fh)
+    pickle.dump({"conv1.weight": Payload(), "layer1.0.conv1.weight": Payload()}, fh)
   with pytest.raises(ValueError, match="weights_only"):
     convert.load_backbone_variables(path, _model_variables("frozen_bn"))
   assert not UNPICKLED

@@ -42,6 +42,7 @@ from jdet.convert.__main__ import main as convert_main
 from jdet.data.voc import VocSource
 from jdet.models.backbones.vgg import VGG16
 from jdet.models.ssd import SSD, ssd_targets
+from tests.helpers import UNPICKLED, Payload
 
 RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 TV_CLASSES = 4  # torchvision's count, background included; jdet's num_classes is 3
@@ -483,26 +484,12 @@ def test_missing_and_unexpected_names_are_listed(tv_ssd, tmp_path):
     convert.load_backbone_variables(path, {"params": {"backbone": no_extras}})
 
 
-# A pickle whose loading would call this function: weights_only must refuse it.
-UNPICKLED = []
-
-
-def _record_unpickling():
-  UNPICKLED.append(True)
-  return "payload"
-
-
-class _Payload:
-  def __reduce__(self):
-    return (_record_unpickling, ())
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_pickle_with_objects_is_refused(tmp_path):
   path = tmp_path / "evil.pth"
   with open(path, "wb") as fh:
-    pickle.dump({"features.0.weight": _Payload()}, fh)
-  torch.save({"w": torch.zeros(2), "obj": _Payload()}, tmp_path / "evil2.pth")
+    pickle.dump({"features.0.weight": Payload()}, fh)
+  torch.save({"w": torch.zeros(2), "obj": Payload()}, tmp_path / "evil2.pth")
   for p in (path, tmp_path / "evil2.pth"):
     with pytest.raises(ValueError, match="weights_only"):
       convert.read_state_dict(p)

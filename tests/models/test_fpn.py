@@ -21,7 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from jdet.convert import fpn_params
 from jdet.models.necks.fpn import FPN, resize_nearest
-from tests.models.test_resnet import assert_close, state_dict_numpy, to_nchw, to_nhwc
+from tests.helpers import assert_close, state_dict_numpy, to_nchw, to_nhwc
 
 IN_CHANNELS = (16, 32, 48, 64)
 

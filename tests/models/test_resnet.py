@@ -15,7 +15,6 @@ one SGD step with weight decay changes neither them nor frozen BatchNorm.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,78 +23,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from torchvision.models._utils import IntermediateLayerGetter
 
 from jdet import optim, parallel
 from jdet.convert import resnet_params
-from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jdet.models.backbones.resnet import ResNet
 from jdet.train_state import TrainState
-
-RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon" / "JPEGImages"
-TORCH_RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
-                 50: torchvision.models.resnet50}
-
-
-# ----------------------------------------------------------------------------
-# Helpers (also used by tests/models/test_fpn.py and tests/convert/test_torchvision_resnet.py).
-# ----------------------------------------------------------------------------
-
-
-def photo_batch(size: tuple[int, int] = (96, 128), count: int = 2) -> np.ndarray:
-  """``[count, h, w, 3]`` float32: raccoon photos resized to ``size = (h, w)``, normalised
-  with the ImageNet mean and std."""
-  if not RACCOON.is_dir():
-    pytest.skip(f"the raccoon photos are not at {RACCOON}")
-  images = []
-  for i in range(1, count + 1):
-    img = Image.open(RACCOON / f"raccoon-{i}.jpg").convert("RGB").resize(size[::-1], Image.BILINEAR)
-    pixels = np.asarray(img, np.float32)
-    images.append((pixels - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD))
-  return np.stack(images)
-
-
-def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  """Draws every norm layer's affine (and BatchNorm's running statistics) at random, in place."""
-  g = torch.Generator().manual_seed(seed)
-  uniform = lambda t, lo, hi: t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-  with torch.no_grad():
-    for m in model.modules():
-      if hasattr(m, "running_var") and hasattr(m, "weight"):  # BatchNorm2d, FrozenBatchNorm2d
-        uniform(m.running_mean, -0.5, 0.5)
-        uniform(m.running_var, 0.5, 2.0)
-      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) or hasattr(m, "running_var"):
-        uniform(m.weight, 0.5, 1.5)
-        uniform(m.bias, -0.5, 0.5)
-  return model
-
-
-def torch_resnet(depth: int, *, seed: int = 0, **kwargs) -> torch.nn.Module:
-  """torchvision's ``resnet{depth}(weights=None)`` in eval mode, random norms."""
-  torch.manual_seed(seed)
-  return randomize_norms(TORCH_RESNETS[depth](weights=None, **kwargs), seed).eval()
-
-
-def to_nchw(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def to_nhwc(x: torch.Tensor) -> np.ndarray:
-  return x.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  """Copies: ``Tensor.numpy()`` shares memory, and torch's train mode updates buffers in place."""
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def assert_close(got, want, *, rel: float = 1e-4, what: str = "") -> None:
-  """``max |got - want| <= rel * max |want|`` (the same shape)."""
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-  err = np.abs(got - want).max() / np.abs(want).max()
-  assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
+from tests.helpers import (assert_close, numpy_variables, photo_batch, randomize_norms,
+                           state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
 
 
 def _torch_features(model: torch.nn.Module, x: np.ndarray, stages=(1, 2, 3, 4)) -> list[np.ndarray]:
@@ -123,20 +58,8 @@ TINY = dict(depth=18, widths=(8, 16, 16, 16), stem_width=8, norm_groups=4)
 def _tiny_variables(model: ResNet, x: jnp.ndarray, seed: int = 0) -> dict:
   """Variables of ``model`` from NumPy (He-normal kernels; norms with random affine and
   statistics): compiling ``model.init``'s random initialisers costs more than the tests."""
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:  # bias, mean
-      value = rng.uniform(-0.2, 0.2, leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
   shapes = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
-  return jax.tree_util.tree_map_with_path(make, shapes)
+  return numpy_variables(shapes, seed, random_norms=True)
 
 
 @pytest.fixture(scope="module")
