@@ -118,7 +118,7 @@ def jdet_train(model, variables, batch, *, warmup: int, iters: int) -> float:
   def train_step(params, opt_state, key, batch):
     def loss_fn(p):
       loss, _ = model.apply({"params": p, **frozen}, batch, method="loss", train=True,
-                            rngs={"dropout": key})
+                            rngs={"sampling": key})
       return loss
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

@@ -90,16 +90,11 @@ def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**section, **overrides})
 
 
-def frozen_parameters(frozen_stages: int) -> tuple[str, ...]:
-  """``optim.freeze`` for the ResNet's frozen stem and stages (under ``backbone/``)."""
-  from jdet.models.backbones.resnet import ResNet  # the model's own rule
-  return ResNet(frozen_stages=frozen_stages).freeze_patterns("backbone/")
-
-
 def optim(*, lr: float, milestones, warmup_steps: int = 500,
           freeze=()) -> ml_collections.ConfigDict:
   """SGD with momentum 0.9, weight decay 1e-4 (on every parameter, as MMDetection and
-  torchvision), linear warm-up from 0.001x, steps of 0.1."""
+  torchvision), linear warm-up from 0.001x, steps of 0.1. The frozen ResNet stages
+  need no ``freeze`` entry: the model gives them (``FasterRCNN.frozen_parameters``)."""
   return ml_collections.ConfigDict(dict(
       name="sgd", lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
       decay_bias_and_norm=True, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -128,8 +123,7 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, scales, mode: str
       batch_size=batch, eval_batch_size=batch, num_workers=8, group_by_aspect=True)
   num_steps, steps = epoch_schedule(batch, epochs, milestones)
   # The linear scaling rule: 0.02 for 16 images per step.
-  config.optim = optim(lr=0.02 * batch / 16, milestones=steps,
-                       freeze=frozen_parameters(int(config.model.frozen_stages)))
+  config.optim = optim(lr=0.02 * batch / 16, milestones=steps)
   config.train = train(num_steps=num_steps, eval_every=num_steps // epochs * 4,
                        checkpoint_every=num_steps // epochs)
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jdet import boxes as box_lib
+from jdet.boxes import as_f32  # losses are float32 whatever the network computes in
 
 __all__ = ["smooth_l1", "l1", "giou_loss", "sigmoid_focal", "sigmoid_ce", "softmax_ce"]
 
@@ -27,10 +28,10 @@ _EPS = 1e-6
 
 def _reduce(loss: jnp.ndarray, weights, normalizer) -> jnp.ndarray:
   if weights is not None:
-    loss = loss * jnp.asarray(weights, jnp.float32)
+    loss = loss * as_f32(weights)
   if normalizer is None:
     return loss
-  return jnp.sum(loss) / jnp.maximum(jnp.asarray(normalizer, jnp.float32), _EPS)
+  return jnp.sum(loss) / jnp.maximum(as_f32(normalizer), _EPS)
 
 
 def smooth_l1(pred, target, *, beta: float = 1.0, weights=None, normalizer) -> jnp.ndarray:
@@ -39,7 +40,7 @@ def smooth_l1(pred, target, *, beta: float = 1.0, weights=None, normalizer) -> j
   ``0.5 * d**2 / beta`` for ``|d| < beta``, else ``|d| - 0.5 * beta``; ``beta = 0``
   is plain L1. Faster R-CNN's RPN uses ``beta = 1/9``, SSD and R-CNN heads 1.0.
   """
-  d = jnp.abs(jnp.asarray(pred, jnp.float32) - jnp.asarray(target, jnp.float32))
+  d = jnp.abs(as_f32(pred) - as_f32(target))
   if beta > 0:
     loss = jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
   else:
@@ -49,7 +50,7 @@ def smooth_l1(pred, target, *, beta: float = 1.0, weights=None, normalizer) -> j
 
 def l1(pred, target, *, weights=None, normalizer) -> jnp.ndarray:
   """L1 loss, element-wise on ``[...]`` arrays."""
-  d = jnp.abs(jnp.asarray(pred, jnp.float32) - jnp.asarray(target, jnp.float32))
+  d = jnp.abs(as_f32(pred) - as_f32(target))
   return _reduce(d, weights, normalizer)
 
 
@@ -64,8 +65,8 @@ def giou_loss(pred_boxes, target_boxes, *, weights=None, normalizer) -> jnp.ndar
 
 def sigmoid_ce(logits, targets, *, weights=None, normalizer) -> jnp.ndarray:
   """Binary cross-entropy on logits, element-wise; ``targets`` in [0, 1]."""
-  x = jnp.asarray(logits, jnp.float32)
-  t = jnp.asarray(targets, jnp.float32)
+  x = as_f32(logits)
+  t = as_f32(targets)
   loss = -(t * jax.nn.log_sigmoid(x) + (1.0 - t) * jax.nn.log_sigmoid(-x))
   return _reduce(loss, weights, normalizer)
 
@@ -80,8 +81,8 @@ def sigmoid_focal(logits, targets, *, alpha: float = 0.25, gamma: float = 2.0,
     alpha: weight of positives (``1 - alpha`` for negatives); ``alpha < 0`` disables it.
     gamma: focusing exponent.
   """
-  x = jnp.asarray(logits, jnp.float32)
-  t = jnp.asarray(targets, jnp.float32)
+  x = as_f32(logits)
+  t = as_f32(targets)
   p = jax.nn.sigmoid(x)
   ce = -(t * jax.nn.log_sigmoid(x) + (1.0 - t) * jax.nn.log_sigmoid(-x))
   p_t = p * t + (1.0 - p) * (1.0 - t)
@@ -101,7 +102,7 @@ def softmax_ce(logits, labels, *, weights=None, normalizer) -> jnp.ndarray:
   Returns:
     ``[...]`` element-wise loss, or the normalised sum.
   """
-  x = jnp.asarray(logits, jnp.float32)
+  x = as_f32(logits)
   labels = jnp.asarray(labels, jnp.int32)
   num_classes = x.shape[-1]
   in_range = (labels >= 0) & (labels < num_classes)

@@ -200,7 +200,7 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def build_optimizer(cfg: Any, *, total_steps: int
+def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimiser of the ``optim`` section and its learning-rate schedule.
 
@@ -211,6 +211,9 @@ def build_optimizer(cfg: Any, *, total_steps: int
       (regexps of frozen parameter paths); ``momentum`` and ``nesterov`` for
       ``sgd``; ``b1``, ``b2``, ``eps`` for ``adamw``.
     total_steps: the length of the run, for the schedule.
+    frozen: more regexps of frozen parameters: the model's own
+      (``model.frozen_parameters()``, e.g. its frozen ResNet stages), joined
+      with ``freeze`` so that they follow the model's fields.
 
   Returns:
     ``(tx, schedule)``: ``tx.init(params)`` takes the ``params`` collection;
@@ -227,6 +230,9 @@ def build_optimizer(cfg: Any, *, total_steps: int
                                 or not isinstance(clip_norm, (int, float)) or clip_norm < 0):
     raise ValueError(f"optim.clip_norm must be None or a number >= 0, got {clip_norm!r}")
   freeze = _get(cfg, "freeze")
+  if isinstance(freeze, str):
+    freeze = (freeze,)
+  freeze = tuple(freeze or ()) + tuple(frozen)
   _compile_freeze(freeze)  # fail now on a bad pattern, not at init
 
   decay_mask = None if decay_bias_and_norm else _decay_mask

@@ -68,7 +68,8 @@ from jax import lax
 
 from jdet import boxes as box_lib
 from jdet.detections import Detections
-from jdet.models.ssd import to_original_pixels
+from jdet.models.detector import (finalize_detections, image_sizes, supports_tta,
+                                  to_original_pixels)
 from jdet.ops.nms import DEFAULT_TILE_SIZE, nms
 
 __all__ = ["TTASettings", "default_settings", "make_tta_predict_fn", "scale_candidates",
@@ -299,9 +300,7 @@ def scale_candidates(model, variables, batch, *, side: int, flips: Sequence[bool
   x = _resize_square(x.reshape(b * f, h, w, ch), side)  # [B * F, side, side, ch]
   if canvas > side:
     x = jnp.pad(x, ((0, 0), (0, canvas - side), (0, canvas - side), (0, 0)))
-  image_size = batch.get("image_size")
-  if image_size is None:
-    image_size = jnp.full((b, 2), h, jnp.int32)
+  image_size = image_sizes(batch)
   pass_size = (image_size.astype(jnp.int32) * side + h // 2) // h  # [B, 2] rounded
   pass_batch = {k: jnp.repeat(jnp.asarray(v), f, axis=0) for k, v in batch.items()
                 if k != "image"}  # [B * F, ...]
@@ -393,17 +392,8 @@ def merge_candidates(boxes, scores, batch, *, iou_threshold: float, max_detectio
         total > 0, total, 1.0)[..., None]
     det_boxes = jnp.where((total > 0)[..., None], voted, det_boxes)
 
-  if k_out < max_detections:  # fewer candidates than K in all: pad
-    pad = int(max_detections) - k_out
-    det_boxes = jnp.pad(det_boxes, ((0, 0), (0, pad), (0, 0)))
-    det_scores = jnp.pad(det_scores, ((0, 0), (0, pad)))
-    labels = jnp.pad(labels, ((0, 0), (0, pad)))
-    valid = jnp.pad(valid, ((0, 0), (0, pad)))
-  if "valid" in batch:
-    valid &= jnp.asarray(batch["valid"], bool)[:, None]
-  det_boxes = jnp.where(valid[..., None], to_original_pixels(det_boxes, batch), 0.0)
-  return Detections(boxes=det_boxes, scores=jnp.where(valid, det_scores, 0.0),
-                    labels=jnp.where(valid, labels, -1), valid=valid)
+  return finalize_detections(det_boxes, det_scores, labels, valid, batch,
+                             max_detections=max_detections)
 
 
 # ----------------------------------------------------------------------------
@@ -428,6 +418,9 @@ def make_tta_predict_fn(model, settings: TTASettings | None = None) -> Callable:
   Returns:
     the predict function; its ``settings`` attribute holds the resolved settings.
   """
+  if not supports_tta(model):
+    raise ValueError(f"{type(model).__name__} does not support test-time augmentation: it needs "
+                     f"candidates() and at_input_size() (see jdet.models.detector)")
   s = (settings or TTASettings()).resolve(model)
   passes = [jax.jit(functools.partial(
       scale_candidates, model, side=side, flips=(False, True) if s.flip else (False,),

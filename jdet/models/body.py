@@ -67,7 +67,7 @@ class ResNetFPN(nn.Module):
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters ``frozen_stages`` freezes (``"^backbone/(conv1|...)/"``)."""
-    return ResNet(frozen_stages=self.frozen_stages).freeze_patterns("backbone/")
+    return ResNet(frozen_stages=self.frozen_stages, parent=None).freeze_patterns("backbone/")
 
   def __call__(self, image, *, train: bool = False) -> list[jnp.ndarray]:
     """``image [B, H, W, 3]`` -> levels ``[B, ceil(H / s), ceil(W / s), fpn_channels]``."""

@@ -90,6 +90,9 @@ class Detector(Protocol):
   def predict(self, batch: dict[str, Any]) -> Detections:
     ...
 
+  def frozen_parameters(self) -> tuple[str, ...]:
+    ...
+
 
 # The methods and fields a detector needs for multi-scale and flip testing.
 TTA_METHODS = ("candidates", "at_input_size")
@@ -176,7 +179,9 @@ def finalize_detections(boxes, scores, labels, valid, batch, *, max_detections: 
     invalid rows are zero boxes, score 0, label -1.
   """
   k = int(max_detections)
-  valid = pad_to(jnp.asarray(valid, bool), k) & image_valid(batch)[:, None]
+  valid = pad_to(jnp.asarray(valid, bool), k)
+  if "valid" in batch:  # filler images detect nothing
+    valid &= jnp.asarray(batch["valid"], bool)[:, None]
   boxes = pad_to(box_lib.as_f32(boxes), k)
   if in_input_pixels:
     boxes = to_original_pixels(boxes, batch)

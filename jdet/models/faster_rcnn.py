@@ -4,21 +4,21 @@ As torchvision's ``fasterrcnn_resnet50_fpn`` computes it (converted weights give
 its proposals and detections: ``tests/convert/test_torchvision_faster_rcnn.py``),
 read top to bottom:
 
-1. **Backbone** (:class:`jdet.models.backbones.resnet.ResNet`): C2..C5 at
-   strides 4..32 (frozen BatchNorm and a frozen stem + stage 1 by default).
-2. **Neck** (:class:`jdet.models.necks.fpn.FPN`): P2..P5 with 256 channels,
-   P6 by max-pooling P5 (stride 64).
+1. **Body** (:class:`jdet.models.body.ResNetFPN`, shared with Sparse R-CNN):
+   ResNet C2..C5 at strides 4..32 (frozen BatchNorm and a frozen stem +
+   stage 1 by default), FPN P2..P5 with 256 channels, P6 by max-pooling P5
+   (stride 64).
 3. **RPN head** (:class:`jdet.models.heads.rpn_head.RPNHead`): on every level a
    3x3 conv, then 1 objectness logit and 4 offsets per anchor.
 4. **Anchors** (:func:`jdet.ops.anchors.multilevel_grid_anchors`): sizes 32,
    64, 128, 256, 512 on P2..P6, ratios 0.5, 1, 2 (3 per location), as
    torchvision's ``AnchorGenerator``; level ``l`` has stride ``strides[l]``.
-5. **RPN targets and loss** (:func:`rpn_targets`, :func:`rpn_loss`): max-IoU
+5. **RPN targets and loss** (:mod:`jdet.models.rpn`: :func:`rpn_targets`, :func:`rpn_loss`): max-IoU
    matching (positive at IoU >= 0.7, negative below 0.3, plus each box's best
    anchors), 256 anchors sampled per image at most half positive; binary
    cross-entropy and smooth L1 (beta 1/9), both divided by the number of
    sampled anchors in the batch.
-6. **Proposals** (:func:`rpn_proposals`): per level the ``pre_nms_top_n``
+6. **Proposals** (:func:`jdet.models.rpn.rpn_proposals`): per level the ``pre_nms_top_n``
    best anchors by objectness (2000 in training, 1000 at test), decoded,
    clipped to the image, tiny boxes dropped, NMS at 0.7 per level, then the
    ``post_nms_top_n`` best over all levels (2000 / 1000), padded and masked.
@@ -28,7 +28,7 @@ read top to bottom:
    sampled per image at most a quarter positive, gathered into a fixed-size
    set with a mask.
 8. **RoI head** (:class:`jdet.models.heads.roi_head.RoIBoxHead`): multi-level
-   RoIAlign 7x7 (:func:`jdet.ops.roi_align.multilevel_roi_align`, sampling
+   RoIAlign 7x7 (:func:`jdet.models.body.roi_features`, sampling
    ratio 2, ``aligned=False``, P2..P5 by the 224 / level-4 rule, as
    torchvision's ``MultiScaleRoIAlign``), two fully connected layers of 1024,
    ``num_classes + 1`` class logits (background 0) and per-class offsets
@@ -64,7 +64,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,147 +73,21 @@ from jdet import losses
 from jdet.assign.max_iou import max_iou_assign
 from jdet.assign.sampling import sample_balanced
 from jdet.detections import Detections
-from jdet.models.backbones.resnet import ResNet
+from jdet.models.body import ResNetFPN, roi_features
+from jdet.models.detector import (encode_positives, finalize_detections, gt_labels, image_sizes,
+                                  image_valid)
 from jdet.models.heads.roi_head import RoIBoxHead
 from jdet.models.heads.rpn_head import RPNHead
-from jdet.models.necks.fpn import FPN
-from jdet.models.ssd import to_original_pixels
+from jdet.models.rpn import RPN_BOX_STDS, Proposals, rpn_loss, rpn_proposals, rpn_targets
 from jdet.ops.anchors import multilevel_grid_anchors, num_anchors_per_location
-from jdet.ops.nms import DEFAULT_TILE_SIZE, batched_nms, nms
-from jdet.ops.roi_align import multilevel_roi_align
+from jdet.ops.nms import class_specific_nms
 
-__all__ = ["FasterRCNN", "Proposals", "rpn_targets", "rpn_loss", "rpn_proposals", "rcnn_targets",
-           "rcnn_loss", "decode_detections", "RPN_BOX_STDS", "RCNN_BOX_STDS"]
+__all__ = ["FasterRCNN", "rcnn_targets", "rcnn_loss", "decode_detections", "RCNN_BOX_STDS",
+           # the RPN stage, from jdet.models.rpn:
+           "Proposals", "rpn_targets", "rpn_loss", "rpn_proposals", "RPN_BOX_STDS"]
 
-# The RPN's offsets are plain (weights 1); the R-CNN head's are scaled by 10, 10, 5, 5.
-RPN_BOX_STDS = (1.0, 1.0, 1.0, 1.0)
+# The R-CNN head's offsets are scaled by 10, 10, 5, 5 (the RPN's are plain: RPN_BOX_STDS).
 RCNN_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
-
-
-@flax.struct.dataclass
-class Proposals:
-  """The RPN's padded proposals, by descending score.
-
-  Attributes:
-    boxes: ``[B, P, 4]`` float32 xyxy in input pixels, clipped to the image; 0 where padded.
-    scores: ``[B, P]`` float32 objectness probability; 0 where padded.
-    valid: ``[B, P]`` bool.
-  """
-
-  boxes: jnp.ndarray
-  scores: jnp.ndarray
-  valid: jnp.ndarray
-
-
-# ----------------------------------------------------------------------------
-# RPN targets and loss: pure functions of one image (targets) or a batch (loss).
-# ----------------------------------------------------------------------------
-
-
-def rpn_targets(key, anchors, gt_boxes, gt_valid, *, pos_iou_thr: float = 0.7,
-                neg_iou_thr: float = 0.3, num_samples: int = 256,
-                positive_fraction: float = 0.5):
-  """The RPN's anchor labels, sampled, and offsets for one image.
-
-  Every anchor takes its best box (:func:`jdet.assign.max_iou_assign`):
-  positive at IoU ``>= pos_iou_thr``, negative below ``neg_iou_thr``, and each
-  box's best anchors (ties included) positive whatever their IoU (torchvision's
-  ``Matcher(allow_low_quality_matches=True)``). Then ``num_samples`` are drawn
-  (:func:`jdet.assign.sample_balanced`): ``min(P, num_samples * positive_fraction)``
-  positives and negatives for the rest, as far as there are.
-
-  Args:
-    key: a PRNG key for the sampling.
-    anchors: ``[A, 4]`` xyxy.
-    gt_boxes: ``[M, 4]`` xyxy, padded.
-    gt_valid: ``[M]`` bool, false for padding (and for every box of a filler image).
-  Returns:
-    ``(pos [A] bool, neg [A] bool, deltas [A, 4])``: the sampled positives and
-    negatives, and the offsets of each positive's box (0 elsewhere).
-  """
-  assignment = max_iou_assign(anchors, gt_boxes, gt_valid, pos_iou_thr=pos_iou_thr,
-                              neg_iou_thr=neg_iou_thr, low_quality="argmax")
-  pos, neg = sample_balanced(key, assignment.labels, num_samples=num_samples,
-                             positive_fraction=positive_fraction)
-  anchors = box_lib.as_f32(anchors)
-  matched = jnp.asarray(gt_boxes, jnp.float32)[assignment.matched_gt]  # [A, 4]
-  matched = jnp.where(pos[:, None], matched, anchors)  # no log(0) from padding rows
-  deltas = box_lib.encode(matched, anchors, stds=RPN_BOX_STDS)
-  return pos, neg, jnp.where(pos[:, None], deltas, 0.0)
-
-
-def rpn_loss(logits, deltas, pos, neg, target_deltas, *, smooth_l1_beta: float = 1.0 / 9):
-  """The RPN loss of a batch, normalised as torchvision's ``RegionProposalNetwork``.
-
-  ``L_obj`` is the binary cross-entropy of every sampled anchor (positive 1,
-  negative 0) and ``L_box`` the smooth L1 of the positives' offsets; both are
-  divided by the number of sampled anchors in the batch (at least 1).
-
-  Args:
-    logits: ``[B, A]`` objectness logits.
-    deltas: ``[B, A, 4]`` predicted offsets.
-    pos, neg: ``[B, A]`` bool sampled anchors (already masked for filler images).
-    target_deltas: ``[B, A, 4]``.
-  Returns:
-    ``(L_obj, L_box, num_sampled)`` scalars.
-  """
-  sampled = pos | neg
-  n = jnp.sum(sampled).astype(jnp.float32)
-  obj = losses.sigmoid_ce(logits, pos.astype(jnp.float32), weights=sampled, normalizer=n)
-  box = losses.smooth_l1(deltas, target_deltas, beta=smooth_l1_beta, weights=pos[..., None],
-                         normalizer=n)
-  return obj, box, n
-
-
-# ----------------------------------------------------------------------------
-# Proposals.
-# ----------------------------------------------------------------------------
-
-
-def rpn_proposals(logits, deltas, anchors, level_sizes: Sequence[int], image_size, *,
-                  pre_nms_top_n: int, post_nms_top_n: int, nms_threshold: float = 0.7,
-                  min_size: float = 1e-3, score_threshold: float = 0.0,
-                  tile_size: int = DEFAULT_TILE_SIZE):
-  """The RPN's proposals for one image (torchvision's ``filter_proposals``).
-
-  Per level, the ``pre_nms_top_n`` anchors with the highest objectness are
-  decoded and clipped to ``image_size``; boxes narrower or lower than
-  ``min_size`` and scores (sigmoid) below ``score_threshold`` are masked; NMS
-  at ``nms_threshold`` runs per level (levels never suppress each other) and
-  the ``post_nms_top_n`` best survivors over all levels are kept.
-
-  Args:
-    logits: ``[A]`` objectness logits.
-    deltas: ``[A, 4]`` offsets.
-    anchors: ``[A, 4]`` xyxy, level by level.
-    level_sizes: static, the number of anchors of each level (summing to A).
-    image_size: ``[2]`` ``(h, w)`` of the real image.
-  Returns:
-    ``(boxes [P, 4], scores [P], valid [P])`` with ``P = post_nms_top_n``, by
-    descending score; padded rows are 0 and invalid.
-  """
-  if sum(level_sizes) != logits.shape[0]:
-    raise ValueError(f"level_sizes {tuple(level_sizes)} do not add up to {logits.shape[0]} anchors")
-  index, level = [], []
-  offset = 0
-  for l, n in enumerate(level_sizes):
-    k = min(int(pre_nms_top_n), int(n))
-    _, idx = jax.lax.top_k(logits[offset:offset + n], k)  # [k]
-    index.append(idx + offset)
-    level.append(jnp.full((k,), l, jnp.int32))
-    offset += n
-  index = jnp.concatenate(index)  # [N]
-  level = jnp.concatenate(level)  # [N]
-  boxes = box_lib.decode(deltas[index], jnp.asarray(anchors)[index], stds=RPN_BOX_STDS)
-  boxes = box_lib.clip(boxes, image_size)  # [N, 4]
-  scores = jax.nn.sigmoid(logits[index])  # [N]
-  wh = boxes[:, 2:] - boxes[:, :2]
-  ok = jnp.all(wh >= min_size, axis=-1) & (scores >= score_threshold)
-  keep = batched_nms(boxes, scores, jnp.where(ok, level, -1), iou_threshold=nms_threshold,
-                     max_output_size=int(post_nms_top_n), tile_size=tile_size)  # [P]
-  valid = keep >= 0
-  safe = jnp.maximum(keep, 0)
-  return (jnp.where(valid[:, None], boxes[safe], 0.0), jnp.where(valid, scores[safe], 0.0), valid)
 
 
 # ----------------------------------------------------------------------------
@@ -268,9 +141,7 @@ def rcnn_targets(key, proposals, proposal_valid, gt_boxes, gt_labels, *, num_sam
   rois = candidates[idx]  # [S, 4]
   matched = assignment.matched_gt[idx]
   classes = jnp.where(is_pos, gt_labels[matched] + 1, jnp.where(sampled, 0, -1))
-  target = jnp.where(is_pos[:, None], gt_boxes[matched], rois)
-  anchor = jnp.where(is_pos[:, None], rois, jnp.asarray([0.0, 0.0, 1.0, 1.0]))  # no 0-size division
-  deltas = jnp.where(is_pos[:, None], box_lib.encode(target, anchor, stds=box_stds), 0.0)
+  deltas = encode_positives(gt_boxes[matched], rois, is_pos, stds=box_stds)
   return rois, classes.astype(jnp.int32), deltas, sampled
 
 
@@ -304,41 +175,6 @@ def rcnn_loss(logits, deltas, classes, target_deltas, sampled, *,
 # ----------------------------------------------------------------------------
 
 
-def _per_class_nms(boxes, scores, *, iou_threshold: float, pre_nms_top_k: int | None,
-                   max_detections: int, tile_size: int):
-  """NMS per class of class-specific boxes; invalid candidates score ``-inf``.
-
-  Args:
-    boxes: ``[B, N, C, 4]``; scores: ``[B, N, C]``.
-  Returns:
-    ``(boxes [B, K, 4], scores [B, K], labels [B, K], valid [B, K])`` by descending score.
-  """
-  n, c = scores.shape[-2:]
-  k = n if pre_nms_top_k is None else min(int(pre_nms_top_k), n)
-  top_scores, top_idx = jax.lax.top_k(jnp.swapaxes(scores, -1, -2), k)  # [B, C, k]
-  class_boxes = jnp.swapaxes(boxes, 1, 2)  # [B, C, N, 4]
-  top_boxes = jnp.take_along_axis(class_boxes, top_idx[..., None], axis=-2)  # [B, C, k, 4]
-  keep = nms(top_boxes, top_scores, iou_threshold=iou_threshold, max_output_size=k,
-             tile_size=min(int(tile_size), max(k, 1)))  # [B, C, k] into k
-  safe = jnp.maximum(keep, 0)
-  kept_scores = jnp.where(keep >= 0, jnp.take_along_axis(top_scores, safe, -1), -jnp.inf)
-  kept_boxes = jnp.take_along_axis(top_boxes, safe[..., None], axis=-2)  # [B, C, k, 4]
-  b = scores.shape[0]
-  flat_scores = kept_scores.reshape(b, c * k)
-  n_out = min(int(max_detections), c * k)
-  out_scores, pos = jax.lax.top_k(flat_scores, n_out)  # [B, K']
-  valid = jnp.isfinite(out_scores)
-  out_boxes = jnp.take_along_axis(kept_boxes.reshape(b, c * k, 4), pos[..., None], axis=1)
-  labels = jnp.where(valid, pos // k, -1).astype(jnp.int32)
-  if n_out < max_detections:
-    pad = int(max_detections) - n_out
-    out_boxes = jnp.pad(out_boxes, ((0, 0), (0, pad), (0, 0)))
-    out_scores = jnp.pad(out_scores, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-    labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=-1)
-    valid = jnp.pad(valid, ((0, 0), (0, pad)))
-  return out_boxes, jnp.where(valid, out_scores, 0.0), labels, valid
-
-
 def decode_detections(logits, deltas, proposals: Proposals, batch, *, score_threshold: float,
                       nms_threshold: float, max_detections: int, min_size: float = 1e-2,
                       pre_nms_top_k: int | None = None,
@@ -357,24 +193,16 @@ def decode_detections(logits, deltas, proposals: Proposals, batch, *, score_thre
     pre_nms_top_k: candidates per class before NMS; ``None`` keeps all ``P``
       (exactly torchvision's result).
   """
-  scores = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [B, P, C]
+  scores = jax.nn.softmax(box_lib.as_f32(logits), axis=-1)[..., 1:]  # [B, P, C]
   boxes = box_lib.decode(deltas[..., 1:, :], proposals.boxes[:, :, None, :], stds=box_stds)
-  size = batch.get("image_size")
-  if size is None:
-    size = jnp.asarray(batch["image"].shape[1:3])
-  else:
-    size = jnp.asarray(size)[:, None, None, :]
-  boxes = box_lib.clip(boxes, size)  # [B, P, C, 4]
+  boxes = box_lib.clip(boxes, image_sizes(batch)[:, None, None, :])  # [B, P, C, 4]
   wh = boxes[..., 2:] - boxes[..., :2]
   ok = proposals.valid[..., None] & (scores > score_threshold) & jnp.all(wh >= min_size, axis=-1)
-  det_boxes, det_scores, labels, valid = _per_class_nms(
+  det_boxes, det_scores, labels, valid = class_specific_nms(
       boxes, jnp.where(ok, scores, -jnp.inf), iou_threshold=nms_threshold,
-      pre_nms_top_k=pre_nms_top_k, max_detections=max_detections, tile_size=DEFAULT_TILE_SIZE)
-  if "valid" in batch:
-    valid &= jnp.asarray(batch["valid"], bool)[:, None]
-  det_boxes = jnp.where(valid[..., None], to_original_pixels(det_boxes, batch), 0.0)
-  return Detections(boxes=det_boxes, scores=jnp.where(valid, det_scores, 0.0),
-                    labels=jnp.where(valid, labels, -1), valid=valid)
+      pre_nms_top_k=pre_nms_top_k, max_detections=max_detections)
+  return finalize_detections(det_boxes, det_scores, labels, valid, batch,
+                             max_detections=max_detections)
 
 
 # ----------------------------------------------------------------------------
@@ -456,12 +284,11 @@ class FasterRCNN(nn.Module):
     if len(set(per_location)) != 1:
       raise ValueError(f"the shared RPN head needs as many anchors per location on every level; "
                        f"anchor_sizes {self.anchor_sizes} give {per_location}")
-    self.backbone = ResNet(depth=self.depth, widths=tuple(self.widths), stem_width=self.stem_width,
-                           norm=self.norm, norm_eps=self.norm_eps,
-                           frozen_stages=self.frozen_stages,
-                           out_stages=(1, 2, 3, 4), dtype=self.dtype)
-    self.neck = FPN(out_channels=self.fpn_channels, extra="maxpool",
-                    num_extra=len(self.strides) - 4, dtype=self.dtype)
+    self.body = ResNetFPN(depth=self.depth, widths=tuple(self.widths), stem_width=self.stem_width,
+                          norm=self.norm, norm_eps=self.norm_eps,
+                          frozen_stages=self.frozen_stages, fpn_channels=self.fpn_channels,
+                          num_extra=len(self.strides) - 4, dtype=self.dtype)
+    nn.share_scope(self, self.body)  # variables: backbone/..., neck/...
     self.rpn_head = RPNHead(num_anchors=per_location[0], dtype=self.dtype)
     self.roi_head = RoIBoxHead(num_classes=self.num_classes,
                                representation_size=self.representation_size, dtype=self.dtype)
@@ -473,7 +300,7 @@ class FasterRCNN(nn.Module):
 
   def features(self, image, *, train: bool = False) -> list[jnp.ndarray]:
     """``image [B, H, W, 3]`` -> FPN levels ``[B, H / s, W / s, fpn_channels]``, P2 .. P6."""
-    features = self.neck(self.backbone(image, train=train))
+    features = self.body(image, train=train)
     if len(features) != len(self.strides):
       raise ValueError(f"the FPN gives {len(features)} levels, strides has {len(self.strides)}")
     return list(features)
@@ -509,18 +336,15 @@ class FasterRCNN(nn.Module):
                      valid=valid)
 
   def roi_features(self, features: Sequence[jnp.ndarray], rois) -> jnp.ndarray:
-    """RoIAlign of ``rois [B, K, 4]`` from P2 .. P(1 + roi_levels) -> ``[B, K, S, S, C]``.
+    """RoIAlign of ``rois [B, K, 4]`` from P2 .. P(1 + roi_levels) -> ``[B, K, S, S, C]``
+    (:func:`jdet.models.body.roi_features`; padding RoIs are pooled too: mask them)."""
+    return roi_features(features, rois, strides=tuple(self.strides[:self.roi_levels]),
+                        output_size=self.roi_output_size,
+                        sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
 
-    Padding RoIs are pooled too (from real features): mask their results.
-    """
-    levels = list(features[:self.roi_levels])
-    strides = tuple(self.strides[:self.roi_levels])
-
-    def one(feats, r):
-      return multilevel_roi_align(feats, r, strides=strides, output_size=self.roi_output_size,
-                                  sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
-
-    return jax.vmap(one)(levels, jax.lax.stop_gradient(rois))
+  def frozen_parameters(self) -> tuple[str, ...]:
+    """Regexps of the parameters that never train (the frozen ResNet stages)."""
+    return ResNetFPN(frozen_stages=self.frozen_stages, parent=None).frozen_parameters()
 
   def __call__(self, image, image_size=None, *, train: bool = False):
     """The two-stage forward: ``(Proposals, logits [B, P, C + 1], deltas [B, P, C + 1, 4])``.
@@ -528,7 +352,7 @@ class FasterRCNN(nn.Module):
     ``image_size`` (``[B, 2]`` real ``(h, w)``) defaults to the whole input.
     """
     if image_size is None:
-      image_size = _image_size({"image": image})
+      image_size = image_sizes({"image": image})
     features = self.features(image, train=train)
     logits, deltas, anchors, level_sizes = self.rpn(features)
     proposals = self._proposals(logits, deltas, anchors, level_sizes, image_size, train=train)
@@ -538,27 +362,27 @@ class FasterRCNN(nn.Module):
   # --- Training ---------------------------------------------------------------------
 
   def loss(self, batch, *, train: bool = True):
-    """RPN + R-CNN losses of a batch -> ``(loss, metrics)``. Needs the ``"dropout"`` RNG
-    (for sampling): ``model.apply(..., method="loss", rngs={"dropout": key})``."""
+    """RPN + R-CNN losses of a batch -> ``(loss, metrics)``. Needs the ``"sampling"`` RNG
+    (for sampling): ``model.apply(..., method="loss", rngs={"sampling": key})``."""
     image = batch["image"]
     b = image.shape[0]
-    image_size = _image_size(batch)
-    image_valid = jnp.asarray(batch.get("valid", jnp.ones((b,), bool)), bool)
+    image_size = image_sizes(batch)
+    valid_images = image_valid(batch)
     gt_boxes = box_lib.as_f32(batch["boxes"])
-    gt_labels = jnp.where(image_valid[:, None], jnp.asarray(batch["labels"], jnp.int32), -1)
+    labels = gt_labels(batch)
 
     features = self.features(image, train=train)
     logits, deltas, anchors, level_sizes = self.rpn(features)
 
-    key_rpn, key_rcnn = jax.random.split(self.make_rng("dropout"))
+    key_rpn, key_rcnn = jax.random.split(self.make_rng("sampling"))
     pos, neg, rpn_target = jax.vmap(
         lambda k, g, v: rpn_targets(k, anchors, g, v, pos_iou_thr=self.rpn_pos_iou,
                                     neg_iou_thr=self.rpn_neg_iou,
                                     num_samples=self.rpn_num_samples,
                                     positive_fraction=self.rpn_positive_fraction))(
-        jax.random.split(key_rpn, b), gt_boxes, gt_labels >= 0)
-    pos &= image_valid[:, None]
-    neg &= image_valid[:, None]
+        jax.random.split(key_rpn, b), gt_boxes, labels >= 0)
+    pos &= valid_images[:, None]
+    neg &= valid_images[:, None]
     rpn_obj, rpn_box, _ = rpn_loss(logits, deltas, pos, neg, rpn_target,
                                    smooth_l1_beta=self.rpn_smooth_l1_beta)
 
@@ -569,19 +393,19 @@ class FasterRCNN(nn.Module):
                                            pos_iou_thr=self.rcnn_pos_iou,
                                            neg_iou_thr=self.rcnn_neg_iou,
                                            box_stds=self.rcnn_box_stds))(
-        jax.random.split(key_rcnn, b), proposals.boxes, proposals.valid, gt_boxes, gt_labels)
-    sampled &= image_valid[:, None]
+        jax.random.split(key_rcnn, b), proposals.boxes, proposals.valid, gt_boxes, labels)
+    sampled &= valid_images[:, None]
     cls_logits, box_deltas = self.roi_head(self.roi_features(features, rois))
     rcnn_cls, rcnn_box, _ = rcnn_loss(cls_logits, box_deltas, classes, rcnn_target, sampled,
                                       smooth_l1_beta=self.rcnn_smooth_l1_beta)
 
     total = rpn_obj + rpn_box + rcnn_cls + rcnn_box
-    num_images = jnp.maximum(jnp.sum(image_valid), 1).astype(jnp.float32)
+    num_images = jnp.maximum(jnp.sum(valid_images), 1).astype(jnp.float32)
     metrics = dict(
         rpn_cls_loss=rpn_obj, rpn_box_loss=rpn_box, cls_loss=rcnn_cls, box_loss=rcnn_box,
         rpn_num_pos=jnp.sum(pos).astype(jnp.float32) / num_images,
         num_pos=jnp.sum(sampled & (classes > 0)).astype(jnp.float32) / num_images,
-        num_proposals=jnp.sum(proposals.valid & image_valid[:, None]).astype(jnp.float32)
+        num_proposals=jnp.sum(proposals.valid & valid_images[:, None]).astype(jnp.float32)
         / num_images)
     return total, metrics
 
@@ -591,21 +415,14 @@ class FasterRCNN(nn.Module):
     """The RPN's proposals (input pixels) with the test-time (or training) numbers."""
     features = self.features(batch["image"], train=False)
     logits, deltas, anchors, level_sizes = self.rpn(features)
-    return self._proposals(logits, deltas, anchors, level_sizes, _image_size(batch), train=train)
+    return self._proposals(logits, deltas, anchors, level_sizes, image_sizes(batch), train=train)
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels, ``max_detections`` per image."""
-    proposals, cls_logits, box_deltas = self(batch["image"], _image_size(batch), train=False)
+    proposals, cls_logits, box_deltas = self(batch["image"], image_sizes(batch), train=False)
     return decode_detections(cls_logits, box_deltas, proposals, batch,
                              score_threshold=self.score_threshold,
                              nms_threshold=self.nms_threshold, max_detections=self.max_detections,
                              min_size=self.min_box_size, pre_nms_top_k=self.pre_nms_top_k,
                              box_stds=self.rcnn_box_stds)
 
-
-def _image_size(batch) -> jnp.ndarray:
-  """``batch["image_size"]`` or, without it, the whole input: ``[B, 2]`` int32 ``(h, w)``."""
-  if "image_size" in batch:
-    return jnp.asarray(batch["image_size"], jnp.int32)
-  image = batch["image"]
-  return jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32), (image.shape[0], 2))

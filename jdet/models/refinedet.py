@@ -19,7 +19,7 @@ Read top to bottom as the paper's Fig. 2:
    ``num_classes + 1`` classes) on the TCB's maps: scores and offsets relative
    to the refined anchors, the second step of the cascaded regression.
 6. **Targets** (:func:`refinedet_targets`): the ARM is matched as SSD is
-   (:func:`jdet.models.ssd.ssd_targets`: best anchor forced, then IoU >= 0.5)
+   (:func:`jdet.models.multibox.ssd_targets`: best anchor forced, then IoU >= 0.5)
    on the anchors with a single "object" class; the ODM the same way on the
    refined anchors (ARM offsets decoded with variances 0.1/0.2, no gradient).
    **Negative anchor filtering**: anchors whose ARM background probability
@@ -57,8 +57,9 @@ from jdet import boxes as box_lib
 from jdet.detections import Detections
 from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGG16
 from jdet.models.heads.refinedet_head import TransferConnectionBlock
+from jdet.models.detector import image_sizes, image_valid
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.models.ssd import BOX_STDS, decode_detections, ssd_loss, ssd_targets
+from jdet.models.multibox import BOX_STDS, multibox_detections, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_default_boxes
 
 __all__ = ["RefineDet", "RefineDetOutputs", "RefineDetTargets", "refine_anchors",
@@ -362,6 +363,10 @@ class RefineDet(nn.Module):
     return RefineDetOutputs(arm_logits=arm_logits, arm_deltas=arm_deltas, odm_logits=odm_logits,
                             odm_deltas=odm_deltas, anchors=jnp.asarray(anchors))
 
+  def frozen_parameters(self) -> tuple[str, ...]:
+    """Regexps of the parameters that never train: none (the whole VGG trains)."""
+    return ()
+
   def loss(self, batch, *, train: bool = True):
     """ARM + ODM loss of a batch (see :func:`refinedet_loss`) -> ``(loss, metrics)``."""
     out = self(batch["image"], train=train)
@@ -370,7 +375,7 @@ class RefineDet(nn.Module):
                                 box_stds=self.box_stds, filter_threshold=self.filter_threshold)
     return refinedet_loss(out.arm_logits, out.arm_deltas, out.odm_logits, out.odm_deltas, targets,
                           neg_pos_ratio=self.neg_pos_ratio, smooth_l1_beta=self.smooth_l1_beta,
-                          image_valid=batch.get("valid"))
+                          image_valid=image_valid(batch))
 
   def candidates(self, batch):
     """Every anchor decoded, before NMS: ``(boxes [B, A, 4], scores [B, A, C])``.
@@ -381,16 +386,16 @@ class RefineDet(nn.Module):
     (:mod:`jdet.evaluation.tta`) start from here.
     """
     out = self(batch["image"], train=False)
-    size = batch.get("image_size")
-    return refinedet_candidates(out, (self.image_size, self.image_size) if size is None else size,
+    return refinedet_candidates(out, image_sizes(batch),
                                 box_stds=self.box_stds, filter_threshold=self.filter_threshold)
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels, ``max_detections`` per image."""
     boxes, scores = self.candidates(batch)
-    return decode_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                             pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
-                             max_detections=self.max_detections)
+    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
+                               pre_nms_top_k=self.pre_nms_top_k,
+                               nms_threshold=self.nms_threshold,
+                               max_detections=self.max_detections)
 
   def at_input_size(self, size: int) -> "RefineDet":
     """The same detector (same variables) for ``size x size`` input, for

@@ -302,7 +302,7 @@ class SparseRCNN(nn.Module):
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters that never train (the frozen ResNet stages)."""
-    return ResNetFPN(frozen_stages=self.frozen_stages).frozen_parameters()
+    return ResNetFPN(frozen_stages=self.frozen_stages, parent=None).frozen_parameters()
 
   # --- Body, proposals, stages -------------------------------------------------
 

@@ -8,11 +8,11 @@ Read top to bottom as the paper's Fig. 2:
    SSD300, fixed, computed in NumPy from the feature map sizes.
 3. **Head** (:class:`jdet.models.heads.ssd_head.SSDHead`): per level a 3x3
    conv for ``num_classes + 1`` scores and one for 4 offsets per default box.
-4. **Targets** (:func:`ssd_targets`): each ground-truth box's best default box
+4. **Targets** (:func:`jdet.models.multibox.ssd_targets`): each ground-truth box's best default box
    is forced positive, then every default box with IoU >= 0.5 is positive
    (:func:`jdet.assign.max_iou_assign` with ``low_quality="force"``); offsets
    are encoded with variances 0.1 (centre) and 0.2 (size).
-5. **Loss** (:func:`ssd_loss`): smooth L1 on the positives plus softmax
+5. **Loss** (:func:`jdet.models.multibox.ssd_loss`): smooth L1 on the positives plus softmax
    cross-entropy on the positives and the hardest negatives (3 per positive),
    both divided by the number of positives in the batch.
 6. **Decode** (:meth:`SSD.predict`): softmax, per-class score > 0.01, top 200
@@ -34,107 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdet import boxes as box_lib
-from jdet import losses
-from jdet.assign.max_iou import POSITIVE, max_iou_assign
-from jdet.assign.sampling import hard_negative_mask
 from jdet.detections import Detections
 from jdet.models.backbones.vgg import SSD300_EXTRAS, VGG16
 from jdet.models.heads.ssd_head import SSDHead
 from jdet.ops.anchors import (SSD300_ASPECT_RATIOS, num_default_boxes_per_location,
                               ssd_default_boxes, ssd_sizes)
-from jdet.ops.nms import multiclass_nms
+from jdet.models.detector import image_sizes, image_valid
+from jdet.models.multibox import BOX_STDS, multibox_detections, ssd_loss, ssd_targets
 
-__all__ = ["SSD", "ssd_targets", "ssd_loss", "decode_detections", "to_original_pixels", "BOX_STDS"]
-
-# SSD's "variances": centre offsets are divided by 0.1, log sizes by 0.2.
-BOX_STDS = (0.1, 0.1, 0.2, 0.2)
-
-
-# ----------------------------------------------------------------------------
-# Targets and loss: pure functions.
-# ----------------------------------------------------------------------------
-
-
-def ssd_targets(anchors, gt_boxes, gt_labels, *, iou_threshold: float = 0.5,
-                box_stds: Sequence[float] = BOX_STDS):
-  """SSD's matching for one image.
-
-  Args:
-    anchors: ``[A, 4]`` default boxes, xyxy pixels.
-    gt_boxes: ``[M, 4]`` ground truth, xyxy pixels, padded.
-    gt_labels: ``[M]`` int class in ``0 .. C-1``; ``-1`` marks padding.
-    iou_threshold: positive at IoU ``>=`` it (0.5); the rest is background.
-    box_stds: the encoding variances.
-  Returns:
-    ``(classes [A] int32`` with 0 = background and ``c + 1`` for class ``c``,
-    ``deltas [A, 4]`` encoded offsets (meaningful at positives),
-    ``positive [A] bool)``.
-  """
-  gt_labels = jnp.asarray(gt_labels, jnp.int32)
-  assignment = max_iou_assign(anchors, gt_boxes, gt_labels >= 0, pos_iou_thr=iou_threshold,
-                              neg_iou_thr=iou_threshold, low_quality="force")
-  positive = assignment.labels == POSITIVE
-  matched = jnp.asarray(gt_boxes, jnp.float32)[assignment.matched_gt]  # [A, 4]
-  classes = jnp.where(positive, gt_labels[assignment.matched_gt] + 1, 0).astype(jnp.int32)
-  deltas = box_lib.encode(matched, anchors, stds=box_stds)
-  return classes, jnp.where(positive[:, None], deltas, 0.0), positive
-
-
-def ssd_loss(logits, deltas, target_classes, target_deltas, positive, *,
-             neg_pos_ratio: float = 3.0, smooth_l1_beta: float = 1.0, image_valid=None,
-             valid=None):
-  """SSD's multibox loss over a batch.
-
-  ``L = (L_conf + L_loc) / N`` with ``N`` the number of positives in the batch
-  (at least 1): ``L_loc`` is smooth L1 over the positives' offsets, ``L_conf``
-  the softmax cross-entropy over the positives and, per image, the
-  ``neg_pos_ratio`` times as many negatives with the highest background loss.
-
-  Args:
-    logits: ``[B, A, C + 1]`` class logits, background first.
-    deltas: ``[B, A, 4]`` predicted offsets.
-    target_classes, target_deltas, positive: from :func:`ssd_targets`, batched.
-    neg_pos_ratio: hard negatives per positive (3).
-    smooth_l1_beta: the smooth L1 transition point (1).
-    image_valid: optional ``[B]`` bool; filler images contribute nothing.
-    valid: optional ``[B, A]`` bool; masked-out anchors are neither positive
-      nor negative (RefineDet's negative anchor filtering).
-  Returns:
-    ``(loss, metrics)``: scalar loss and a dict with ``cls_loss``,
-    ``box_loss`` and ``num_pos``.
-  """
-  b, a = positive.shape
-  mask = jnp.ones((b, a), bool)
-  if image_valid is not None:
-    mask &= jnp.asarray(image_valid, bool)[:, None]
-  if valid is not None:
-    mask &= jnp.asarray(valid, bool)
-  positive = positive & mask
-  ce = losses.softmax_ce(logits, target_classes, normalizer=None)  # [B, A]
-  negative = jax.vmap(lambda l, p, v: hard_negative_mask(l, p, neg_pos_ratio=neg_pos_ratio,
-                                                         valid=v))(ce, positive, mask)
-  num_pos = jnp.sum(positive)
-  normalizer = jnp.maximum(num_pos, 1).astype(jnp.float32)
-  cls_loss = jnp.sum(jnp.where(positive | negative, ce, 0.0)) / normalizer
-  box_loss = losses.smooth_l1(deltas, target_deltas, beta=smooth_l1_beta,
-                              weights=positive[..., None], normalizer=normalizer)
-  return cls_loss + box_loss, dict(cls_loss=cls_loss, box_loss=box_loss,
-                                   num_pos=num_pos.astype(jnp.float32))
-
-
-def to_original_pixels(boxes, batch) -> jnp.ndarray:
-  """Input-image boxes ``[B, K, 4]`` -> original-image pixels, clipped to ``orig_size``.
-
-  Undoes the resize recorded in ``batch["scale_factor"]`` (``[B, 2]`` ``(sy, sx)``);
-  without it the input is taken to be the original image.
-  """
-  if "scale_factor" in batch:
-    sy, sx = batch["scale_factor"][:, 0], batch["scale_factor"][:, 1]
-    boxes = boxes / jnp.stack([sx, sy, sx, sy], axis=-1)[:, None, :]
-  if "orig_size" in batch:
-    boxes = box_lib.clip(boxes, batch["orig_size"][:, None, :])
-  return boxes
-
+__all__ = ["SSD", "ssd_targets", "ssd_loss", "multibox_detections", "BOX_STDS"]
 
 # ----------------------------------------------------------------------------
 # The detector.
@@ -239,6 +147,10 @@ class SSD(nn.Module):
       raise ValueError(f"{anchors.shape[0]} default boxes but the head predicts {logits.shape[1]}")
     return logits, deltas, jnp.asarray(anchors)
 
+  def frozen_parameters(self) -> tuple[str, ...]:
+    """Regexps of the parameters that never train: none (the whole VGG trains)."""
+    return ()
+
   def loss(self, batch, *, train: bool = True):
     """The multibox loss of a batch (see :func:`ssd_loss`) -> ``(loss, metrics)``."""
     logits, deltas, anchors = self(batch["image"], train=train)
@@ -247,7 +159,7 @@ class SSD(nn.Module):
                                  box_stds=self.box_stds))(batch["boxes"], batch["labels"])
     return ssd_loss(logits, deltas, classes, target_deltas, positive,
                     neg_pos_ratio=self.neg_pos_ratio, smooth_l1_beta=self.smooth_l1_beta,
-                    image_valid=batch.get("valid"))
+                    image_valid=image_valid(batch))
 
   def candidates(self, batch):
     """Every default box decoded, before NMS: ``(boxes [B, A, 4], scores [B, A, C])``.
@@ -259,17 +171,16 @@ class SSD(nn.Module):
     logits, deltas, anchors = self(batch["image"], train=False)
     scores = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [B, A, C]
     boxes = box_lib.decode(deltas, anchors, stds=self.box_stds)  # [B, A, 4] input pixels
-    size = batch.get("image_size")
-    boxes = box_lib.clip(boxes, jnp.asarray((self.image_size, self.image_size)) if size is None
-                         else size[:, None, :])
+    boxes = box_lib.clip(boxes, image_sizes(batch)[:, None, :])
     return boxes, scores
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels, ``max_detections`` per image."""
     boxes, scores = self.candidates(batch)
-    return decode_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                             pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
-                             max_detections=self.max_detections)
+    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
+                               pre_nms_top_k=self.pre_nms_top_k,
+                               nms_threshold=self.nms_threshold,
+                               max_detections=self.max_detections)
 
   def at_input_size(self, size: int) -> "SSD":
     """The same detector (same variables) for ``size x size`` input, for
@@ -282,20 +193,3 @@ class SSD(nn.Module):
       min_sizes, max_sizes = ssd_sizes(self.image_size, self.num_levels, *self.size_rule)
     return self.clone(image_size=size, min_sizes=tuple(min_sizes),
                       max_sizes=None if max_sizes is None else tuple(max_sizes), steps=None)
-
-
-def decode_detections(boxes, scores, batch, *, score_threshold: float, pre_nms_top_k: int,
-                      nms_threshold: float, max_detections: int) -> Detections:
-  """Per-class NMS of ``boxes [B, A, 4]`` (input pixels) with ``scores [B, A, C]``
-  -> :class:`Detections` in original pixels (SSD's and RefineDet's last step)."""
-  idx, det_scores, labels = multiclass_nms(boxes, scores, score_threshold=score_threshold,
-                                           pre_nms_top_k=pre_nms_top_k,
-                                           iou_threshold=nms_threshold,
-                                           max_detections=max_detections)
-  det_boxes = jnp.take_along_axis(boxes, jnp.maximum(idx, 0)[..., None], axis=1)  # [B, K, 4]
-  valid = idx >= 0
-  if "valid" in batch:
-    valid &= jnp.asarray(batch["valid"], bool)[:, None]
-  det_boxes = jnp.where(valid[..., None], to_original_pixels(det_boxes, batch), 0.0)
-  return Detections(boxes=det_boxes, scores=jnp.where(valid, det_scores, 0.0),
-                    labels=jnp.where(valid, labels, -1), valid=valid)

@@ -45,7 +45,8 @@ from jax import lax
 
 from jdet import boxes as box_lib
 
-__all__ = ["nms", "batched_nms", "soft_nms", "multiclass_nms", "DEFAULT_TILE_SIZE"]
+__all__ = ["nms", "batched_nms", "soft_nms", "multiclass_nms", "class_specific_nms",
+           "DEFAULT_TILE_SIZE"]
 
 # 256 boxes per tile: a [256, 256] IoU block is a good unit of work on a GPU and
 # wastes little on small inputs (TF Model Garden uses 512, MLPerf 256).
@@ -470,28 +471,76 @@ def multiclass_nms(boxes, scores, *, score_threshold: float, pre_nms_top_k: int,
     descending score.
   """
   boxes, scores = box_lib.as_f32(boxes), box_lib.as_f32(scores)
-  num_anchors, num_classes = scores.shape[-2], scores.shape[-1]
+  num_anchors = scores.shape[-2]
   k = min(int(pre_nms_top_k), num_anchors)
-  per_class = jnp.swapaxes(scores, -1, -2)  # [..., C, A]
-  top_scores, top_idx = lax.top_k(per_class, k)  # [..., C, k]
+  top_scores, top_idx = lax.top_k(jnp.swapaxes(scores, -1, -2), k)  # [..., C, k]
   top_scores = jnp.where(top_scores > score_threshold, top_scores, -jnp.inf)
   top_boxes = jnp.take_along_axis(boxes[..., None, :, :], top_idx[..., None], axis=-2)  # [..., C, k, 4]
+  pos, out_scores, labels, valid = _nms_per_class_then_best(
+      top_boxes, top_scores, iou_threshold=iou_threshold, max_detections=max_detections,
+      tile_size=tile_size)
+  flat_anchor = top_idx.reshape(top_idx.shape[:-2] + (-1,))  # [..., C * k]
+  indices = jnp.where(valid, jnp.take_along_axis(flat_anchor, pos, -1), -1)
+  return indices.astype(jnp.int32), out_scores, labels
+
+
+def class_specific_nms(boxes, scores, *, iou_threshold: float, max_detections: int,
+                       pre_nms_top_k: int | None = None, tile_size: int = DEFAULT_TILE_SIZE):
+  """Per-class NMS over class-specific boxes (the R-CNN heads' post-processing).
+
+  For each class: its candidates' own boxes, the ``pre_nms_top_k`` best
+  (``None``: all), greedy NMS at ``iou_threshold``; then the
+  ``max_detections`` best survivors over all classes (torchvision's
+  ``RoIHeads.postprocess_detections`` with fixed shapes).
+
+  Args:
+    boxes: ``[..., N, C, 4]`` xyxy, one box per candidate and class.
+    scores: ``[..., N, C]``; a candidate that must not be kept scores ``-inf``.
+  Returns:
+    ``(boxes [..., K, 4], scores [..., K], labels [..., K] int32, valid [..., K] bool)``
+    by descending score; padded rows are zero boxes, score 0, label -1.
+  """
+  boxes, scores = box_lib.as_f32(boxes), box_lib.as_f32(scores)
+  n = scores.shape[-2]
+  k = n if pre_nms_top_k is None else min(int(pre_nms_top_k), n)
+  top_scores, top_idx = lax.top_k(jnp.swapaxes(scores, -1, -2), k)  # [..., C, k]
+  class_boxes = jnp.swapaxes(boxes, -3, -2)  # [..., C, N, 4]
+  top_boxes = jnp.take_along_axis(class_boxes, top_idx[..., None], axis=-2)  # [..., C, k, 4]
+  pos, out_scores, labels, valid = _nms_per_class_then_best(
+      top_boxes, top_scores, iou_threshold=iou_threshold, max_detections=max_detections,
+      tile_size=tile_size)
+  flat_boxes = top_boxes.reshape(top_boxes.shape[:-3] + (-1, 4))  # [..., C * k, 4]
+  out_boxes = jnp.take_along_axis(flat_boxes, pos[..., None], axis=-2)
+  return jnp.where(valid[..., None], out_boxes, 0.0), out_scores, labels, valid
+
+
+def _nms_per_class_then_best(top_boxes, top_scores, *, iou_threshold: float, max_detections: int,
+                             tile_size: int):
+  """NMS within each class of ``top_boxes [..., C, k, 4]`` (scores ``[..., C, k]``,
+  ``-inf`` for none), then the ``max_detections`` best survivors over all classes.
+
+  Returns ``(pos [..., K] into the flattened C * k (0 where padded), scores [..., K]
+  (0 where padded), labels [..., K] (-1 where padded), valid [..., K])``; ties go to
+  the lower class, then the higher score rank.
+  """
+  num_classes, k = top_scores.shape[-2:]
   keep = nms(top_boxes, top_scores, iou_threshold=iou_threshold, max_output_size=k,
              tile_size=min(int(tile_size), max(k, 1)))  # [..., C, k] into k
-  kept_scores = jnp.where(keep >= 0, jnp.take_along_axis(top_scores, jnp.maximum(keep, 0), -1),
-                          -jnp.inf)
-  kept_anchor = jnp.take_along_axis(top_idx, jnp.maximum(keep, 0), -1)  # [..., C, k]
+  safe = jnp.maximum(keep, 0)
+  kept_scores = jnp.where(keep >= 0, jnp.take_along_axis(top_scores, safe, -1), -jnp.inf)
+  # Position of each kept candidate in the flattened [C * k] top-k arrays.
+  kept_pos = safe + jnp.arange(num_classes, dtype=safe.dtype)[:, None] * k
   flat_scores = kept_scores.reshape(kept_scores.shape[:-2] + (num_classes * k,))
-  flat_anchor = kept_anchor.reshape(flat_scores.shape)
+  flat_pos = kept_pos.reshape(flat_scores.shape)
   n_out = min(int(max_detections), num_classes * k)
-  out_scores, pos = lax.top_k(flat_scores, n_out)  # ties: lower class, then higher score rank
+  out_scores, pos = lax.top_k(flat_scores, n_out)
   valid = jnp.isfinite(out_scores)
-  indices = jnp.where(valid, jnp.take_along_axis(flat_anchor, pos, -1), -1)
   labels = jnp.where(valid, (pos // k).astype(jnp.int32), -1)
+  pos = jnp.where(valid, jnp.take_along_axis(flat_pos, pos, -1), 0)
   out_scores = jnp.where(valid, out_scores, 0.0)
   if n_out < max_detections:  # fewer candidates than K in all: pad
-    pad = [(0, 0)] * (indices.ndim - 1) + [(0, int(max_detections) - n_out)]
-    indices = jnp.pad(indices, pad, constant_values=-1)
+    pad = [(0, 0)] * (pos.ndim - 1) + [(0, int(max_detections) - n_out)]
+    pos, out_scores = jnp.pad(pos, pad), jnp.pad(out_scores, pad)
     labels = jnp.pad(labels, pad, constant_values=-1)
-    out_scores = jnp.pad(out_scores, pad)
-  return indices.astype(jnp.int32), out_scores, labels
+    valid = jnp.pad(valid, pad)
+  return pos, out_scores, labels, valid

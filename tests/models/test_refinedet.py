@@ -16,7 +16,7 @@ import pytest
 import jdet
 from jdet.models.refinedet import (RefineDet, RefineDetOutputs, refinedet_candidates,
                                    refinedet_loss, refinedet_targets)
-from jdet.models.ssd import decode_detections
+from jdet.models.multibox import multibox_detections
 from jdet.testing import assert_traces_once
 
 from configs import refinedet320, refinedet512, ssd300
@@ -184,8 +184,8 @@ def test_filtered_anchors_are_masked_out_of_the_loss():
 def _decode(outputs, batch):
   """-> ``(candidate scores [B, A, C], Detections)``."""
   boxes, scores = refinedet_candidates(outputs, batch["image_size"])
-  return scores, decode_detections(boxes, scores, batch, score_threshold=0.01, pre_nms_top_k=50,
-                                   nms_threshold=0.45, max_detections=20)
+  return scores, multibox_detections(boxes, scores, batch, score_threshold=0.01, pre_nms_top_k=50,
+                                     nms_threshold=0.45, max_detections=20)
 
 
 def test_filtered_anchors_give_no_detection():
