@@ -13,7 +13,8 @@ Conventions
   the pixels ``xmin .. xmax`` counted from 1. In jdet's continuous 0-based
   ``[x1, y1, x2, y2]`` that is exactly ``(xmin - 1, ymin - 1, xmax, ymax)``,
   the conversion MMDetection uses; a box covering the whole image becomes
-  ``(0, 0, W, H)``.
+  ``(0, 0, W, H)``. A box with ``xmin == xmax`` (or ``ymin == ymax``) is one
+  pixel wide: kept, and counted as a fix (it is often an annotation slip).
 * **Classes.** ``class_names=None`` picks the 20 VOC classes
   (:data:`VOC_CLASSES`) when the tree looks like VOC, meaning that at least 10
   of them occur among the object names of all ``Annotations/*.xml``; an object
@@ -241,6 +242,9 @@ class VocSource(ImageFileSource):
                       detail=f"object {j}: {obj.name!r}")
         continue
       xmin, ymin, xmax, ymax = obj.box
+      if xmin == xmax or ymin == ymax:  # one pixel wide in VOC's inclusive pixels
+        skip_log.fix("box of one pixel row or column (xmin == xmax or ymin == ymax), kept",
+                     file=str(xml), record=name, detail=f"object {j}: {list(obj.box)}")
       boxes.append((xmin - 1.0, ymin - 1.0, xmax, ymax))
       labels.append(label_of[obj.name])
       difficult.append(obj.difficult)

@@ -214,3 +214,14 @@ def test_jpeg_missing_half_its_data_is_skipped(tmp_path):
   log = SkipLog("half")
   assert images.decode_image(data[:len(data) // 2], file="half.jpg", record=2, skip_log=log) is None
   assert log.counts() == {"skipped: unreadable image": 1}
+
+
+def test_voc_box_with_xmin_equal_to_xmax_is_counted(tmp_path, caplog):
+  from jdet.data.voc import VocSource
+  root = _voc_tree(str(tmp_path), {"slip": ((48, 64), (48, 64), [(20, 5, 20, 40), (3, 4, 30, 40)])})
+  with caplog.at_level(logging.WARNING, logger="jdet.data"):
+    src = VocSource(root, "train", class_names=("raccoon",))
+  np.testing.assert_allclose(src[0].boxes, [[19, 4, 20, 40], [2, 3, 30, 40]])  # 1-based inclusive
+  assert src.skip_log.counts() == {
+      "fixed: box of one pixel row or column (xmin == xmax or ymin == ymax), kept": 1}
+  assert "slip.xml" in caplog.text and "object 0" in caplog.text
