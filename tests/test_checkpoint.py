@@ -17,6 +17,7 @@ from jdet import optim
 from jdet.checkpoint import (CheckpointDamagedError, Checkpointer, CheckpointMismatchError,
                              StopRequest)
 from jdet.train_state import TrainState
+from tests.helpers import flip_bytes, largest_file, truncate_file
 
 
 def _state(seed: int) -> TrainState:
@@ -149,30 +150,6 @@ def _big_state(seed: int) -> dict:
   return {"params": {"w": jnp.asarray(rng.normal(size=(128, 128)).astype(np.float32)),
                      "b": jnp.asarray(rng.normal(size=(7,)).astype(np.float32))},
           "step": jnp.asarray(seed, jnp.int32)}
-
-
-def largest_file(folder) -> str:
-  """The largest file anywhere under ``folder``."""
-  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
-  return max(files, key=os.path.getsize)
-
-
-def truncate_file(path, keep: float = 0.5) -> None:
-  """Cuts ``path`` to the first ``keep`` of its bytes."""
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    f.truncate(int(size * keep))
-
-
-def flip_bytes(path, count: int = 3) -> None:
-  """Inverts ``count`` bytes in the middle of ``path``."""
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    for k in range(count):
-      f.seek(size // 2 + 13 * k)
-      byte = f.read(1)[0]
-      f.seek(size // 2 + 13 * k)
-      f.write(bytes([byte ^ 0xFF]))
 
 
 def _damage(step_dir, kind: str) -> str:

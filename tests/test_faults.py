@@ -29,14 +29,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
 
 from jdet import training
 from jdet.data.builder import ConfigError
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import checkpoint_steps
-from tests.test_checkpoint import flip_bytes, largest_file, truncate_file
+from tests.helpers import (checkpoint_steps, flip_bytes, jax_compile_cache, largest_file,
+                           truncate_file)
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +44,8 @@ NUM_STEPS = 12  # of the kill -9 runs, a checkpoint at every step
 NOISE = "Event loop is closed"
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's in-process runs and subprocesses."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
+# A persistent compilation cache for this module's in-process runs and subprocesses.
+compile_cache = pytest.fixture(scope="module")(jax_compile_cache)
 
 
 def _env(cache_dir: str) -> dict:
