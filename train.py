@@ -30,9 +30,11 @@ def main(argv) -> None:
   from jdet import training
   result = training.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   if result["stopped"]:
-    code = 128 + int(result["signal"])
+    # A process stopped because another one got the signal exits as if it got SIGTERM.
+    sig = signal.Signals(result["signal"] or signal.SIGTERM)
+    code = 128 + int(sig)
     logging.warning("stopped by %s at step %d (checkpoint saved); exiting with status %d",
-                    signal.Signals(result["signal"]).name, result["step"], code)
+                    sig.name, result["step"], code)
     sys.exit(code)
   if result["eval"]:
     logging.info("final evaluation: %s", {k: round(float(result["eval"][k]), 4)
