@@ -133,7 +133,8 @@ class CheckpointDamagedError(RuntimeError):
 
   Attributes:
     step: the step.
-    path: the file or folder (or ``state:<leaf>``) that is wrong.
+    path: the file or folder that is wrong (``.../<step>/state (leaf params/...)``
+      for values that do not match their checksum).
     problem: what is wrong with it.
   """
 

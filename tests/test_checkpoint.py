@@ -248,7 +248,8 @@ def test_another_model_is_a_mismatch_not_damage(tmp_path):
     with pytest.raises(CheckpointMismatchError) as excinfo:
       ckpt.restore_latest_intact(other)
     message = str(excinfo.value)
-    assert "params/w: [128, 128] float32 in the checkpoint, [64, 128] float32 in this run" in message
+    assert ("params/w: [128, 128] float32 in the checkpoint, [64, 128] float32 in this run"
+            in message)
     assert "params/extra" in message
     assert ckpt.all_steps() == [1]  # nothing moved
   assert not (tmp_path / "damaged").exists()

@@ -110,7 +110,8 @@ def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog)
   reference = pipeline.train_batches(
       CocoSource(ann_file, image_dir, check_sizes=False),
       builder.build_transforms(config.data, train=True), batch_size=4, seed=int(config.data.seed))
-  cut = [int((b["truncated_boxes"] * b["valid"]).sum()) for b in (next(reference) for _ in range(4))]
+  batches = [next(reference) for _ in range(4)]
+  cut = [int((b["truncated_boxes"] * b["valid"]).sum()) for b in batches]
   assert sum(cut) > 0
 
   with open(workdir / "metrics.jsonl") as f:
