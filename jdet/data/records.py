@@ -280,6 +280,10 @@ class DataReport:
     self._items |= new
     return len(new)
 
+  def items(self) -> list[tuple[str, ...]]:
+    """The distinct notes, sorted: ``(log name, kind, reason, file, record, detail)``."""
+    return sorted(self._items)
+
   def counts(self) -> dict[str, int]:
     """``{"<log name>: <kind>: <reason>": distinct items}``."""
     c = collections.Counter(f"{n[0]}: {n[1]}: {n[2]}" for n in self._items)

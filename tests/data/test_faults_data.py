@@ -77,22 +77,30 @@ def test_a_bad_file_read_every_epoch_is_warned_about_once(tmp_path, caplog):
   assert records.drain_notes() == []  # collected once
 
 
-def test_a_worker_processs_skips_reach_the_training_process(tmp_path):
+@pytest.mark.parametrize("group_by_aspect", [False, True])
+def test_a_worker_processs_skips_reach_the_training_process(tmp_path, group_by_aspect):
   ann_file, image_dir = _coco_set(tmp_path)
   source = CocoSource(ann_file, image_dir, check_sizes=False)
   transform = builder.build_transforms(ssd300_config.get_config("smoke").data, train=True)
   records.drain_notes()
   it = pipeline.train_batches(source, transform, batch_size=4, seed=0, num_workers=1,
-                              data_notes=True)
-  report = DataReport()
+                              group_by_aspect=group_by_aspect, data_notes=True)
+  from_worker = DataReport()
   for _ in range(2 * NUM_IMAGES // 4):  # two epochs
     batch = next(it)
     assert set(batch) == set(pipeline.BATCH_KEYS) | {pipeline.NOTES_KEY}
-    report.add(records.decode_notes(str(batch[pipeline.NOTES_KEY])))
-  assert records.drain_notes() == []  # nothing was read in this process
-  counts = report.counts()
-  assert counts == {"coco instances.json: skipped: unreadable image": 1,
-                    "coco instances.json: fixed: L (greyscale) image converted to RGB": 1}, counts
+    from_worker.add(records.decode_notes(str(batch[pipeline.NOTES_KEY])))
+  # Decoding happens in the worker only: what it noted came back inside the batches.
+  decoded = {(os.path.basename(n[3]), f"{n[1]}: {n[2]}") for n in from_worker.items()}
+  assert decoded == {("0011.png", "skipped: unreadable image"),
+                     ("0000.png", "fixed: L (greyscale) image converted to RGB")}, decoded
+  assert from_worker.counts() == {"coco instances.json: skipped: unreadable image": 1,
+                                  "coco instances.json: fixed: L (greyscale) image converted to "
+                                  "RGB": 1}
+  # Grouping reads the image sizes (and one sample) in this process: noted here, once.
+  here = records.drain_notes()
+  assert bool(here) == group_by_aspect
+  assert all(os.path.basename(n[3]) in ("0000.png", "0011.png") for n in here)
 
 
 def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog):
