@@ -29,6 +29,8 @@ import numpy as np
 
 from jdet.convert.faster_rcnn import fasterrcnn_num_classes, fasterrcnn_resnet50_fpn_params
 from jdet.convert.files import SEP, is_jdet_state_dict, unflatten_params
+from jdet.convert.mmdet_sparse_rcnn import (is_mmdet_sparse_rcnn_state_dict,
+                                            sparse_rcnn_num_classes, sparse_rcnn_variables)
 from jdet.convert.resnet import is_resnet_state_dict, resnet_depth, resnet_params
 from jdet.convert.torchvision import (coco91_to_coco80, ssd300_vgg16_num_classes,
                                       ssd300_vgg16_params, vgg16_backbone_params)
@@ -110,6 +112,12 @@ def _fasterrcnn_model_classes(variables: Mapping) -> Optional[int]:
   return None if cls is None else cls[-1] - 1
 
 
+def _sparse_rcnn_model_classes(variables: Mapping) -> Optional[int]:
+  """``SparseRCNN.num_classes`` from its first stage's class logits (sigmoid: no background)."""
+  cls = _leaf_shape(variables.get("params", {}), "stage0", "cls_logits", "kernel")
+  return None if cls is None else cls[-1]
+
+
 def _vgg16_variables(state_dict: StateDict, num_classes: Optional[int]) -> dict:
   return {"params": {"backbone": vgg16_backbone_params(state_dict)}}
 
@@ -149,6 +157,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         checkpoint_classes=fasterrcnn_num_classes,
         model_classes=_fasterrcnn_model_classes,
         usage="load into FasterRCNN(num_classes={num_classes}) with config.init.weights"),
+    Architecture(
+        name="sparse_rcnn_r50_fpn_mmdet",  # MMDetection 3.x SparseRCNN (any depth, N, stages)
+        recognise=is_mmdet_sparse_rcnn_state_dict,
+        convert=sparse_rcnn_variables,
+        checkpoint_classes=sparse_rcnn_num_classes,
+        model_classes=_sparse_rcnn_model_classes,
+        usage=("load into SparseRCNN(num_classes={num_classes}) with config.init.weights "
+               "(configs/sparse_rcnn.py; another class count or number of proposals "
+               "re-initialises those layers)")),
     Architecture(
         name="ssd300_vgg16",  # and SSD512: any number of extra and head levels
         recognise=_keys_start("backbone.extra."),

@@ -4,11 +4,25 @@ Every converted array must exist in the model with the same shape; otherwise a
 ``ValueError`` names each path with both shapes and lists the missing and
 unexpected names. The result is a new tree; the input is not modified, and
 arrays keep the model's dtype and sharding.
+
+One exception, for fine-tuning: a whole-model file
+(:func:`load_model_variables`) may differ from the model in the layers that
+depend on the class count or on the number of learned proposals
+(:data:`RESIZABLE`, e.g. a COCO Faster R-CNN's 91-way ``roi_head/cls_score``
+loaded into a 1-class model, or the 100 proposals of an MMDetection Sparse
+R-CNN loaded into a 300-proposal model). Those parameters keep the model's
+initial values; everything else is loaded, and the :class:`LoadReport`
+(logged, and returned with ``return_report=True``) lists what was loaded,
+what was re-initialised and why. A shape mismatch anywhere else is still a
+``ValueError`` naming the parameter and both shapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import re
 from typing import Mapping
 
 import jax
@@ -20,7 +34,67 @@ from jdet.convert.files import (flatten_params, is_jdet_state_dict, listing, rea
                                 unflatten_params)
 from jdet.convert.torchvision import coco91_to_coco80
 
-__all__ = ["merge_params", "load_model_variables", "load_backbone_variables"]
+__all__ = ["merge_params", "load_model_variables", "load_backbone_variables", "LoadReport",
+           "RESIZABLE"]
+
+log = logging.getLogger(__name__)
+
+# The model parameters whose shapes follow the class count or the number of learned
+# proposals, as ``(pattern on the path inside its collection, what it depends on)``. On fine-tuning
+# (a file with another count) they are re-initialised instead of loaded; any other
+# shape mismatch is an error. C classes, A anchors per position, N proposals.
+RESIZABLE: tuple[tuple[str, str], ...] = (
+    # SSD: one class convolution per level, [3, 3, in, A * (C + 1)].
+    (r"head/cls_\d+/(kernel|bias)", "the class count"),
+    # RefineDet: the ODM's class convolutions (the ARM's are object / background).
+    (r"odm/cls_\d+/(kernel|bias)", "the class count"),
+    # Faster R-CNN: class scores [R, C + 1] and class-specific boxes [R, 4 (C + 1)].
+    (r"roi_head/(cls_score|bbox_pred)/(kernel|bias)", "the class count"),
+    # Sparse R-CNN: every stage's class logits [d, C] (sigmoid, no background) ...
+    (r"stage\d+/cls_logits/(kernel|bias)", "the class count"),
+    # ... and the learned proposals [N, 4], [N, d].
+    (r"proposal_(boxes|features)", "the number of proposals"),
+)
+
+
+def _resizable(name: str) -> str | None:
+  """What ``name`` (a path inside a collection) depends on, if it is in :data:`RESIZABLE`."""
+  for pattern, reason in RESIZABLE:
+    if re.fullmatch(pattern, name):
+      return reason
+  return None
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What :func:`load_model_variables` did, parameter by parameter.
+
+  Attributes:
+    source: the file.
+    architecture: the layout it was read as (an :data:`ARCHITECTURES` name or
+      ``"jdet"`` for a jdet ``.npz``).
+    loaded: ``"collection/path"`` of every variable taken from the file.
+    reinitialised: ``{"collection/path": why}`` for every variable that keeps
+      the model's initial value (a :data:`RESIZABLE` layer of another shape).
+    file_classes, model_classes: the class counts where known (else None).
+  """
+
+  source: str
+  architecture: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  reinitialised: dict[str, str] = dataclasses.field(default_factory=dict)
+  file_classes: int | None = None
+  model_classes: int | None = None
+
+  def summary(self) -> str:
+    """Readable lines: counts, then every re-initialised parameter with its reason."""
+    classes = ""
+    if self.file_classes is not None and self.model_classes is not None:
+      classes = f"; file {self.file_classes} classes, model {self.model_classes}"
+    lines = [f"{self.source} ({self.architecture}{classes}): loaded {len(self.loaded)} "
+             f"variables, re-initialised {len(self.reinitialised)}"]
+    lines += [f"  re-initialised {name}: {why}" for name, why in self.reinitialised.items()]
+    return "\n".join(lines)
 
 
 def _problems(mismatched: list[str], missing: list[str], unexpected: list[str]) -> list[str]:
@@ -35,7 +109,8 @@ def _problems(mismatched: list[str], missing: list[str], unexpected: list[str]) 
 
 
 def merge_params(params: Mapping, converted: Mapping, *, partial: bool = False,
-                 prefix: str = "", source: str = "the file") -> dict:
+                 prefix: str = "", source: str = "the file",
+                 skipped: dict[str, str] | None = None) -> dict:
   """``params`` (one collection of a model's variables) with every leaf of ``converted`` put in
   its place.
 
@@ -47,6 +122,9 @@ def merge_params(params: Mapping, converted: Mapping, *, partial: bool = False,
       either way.
     prefix: prepended to names in error messages (e.g. ``"backbone/"``).
     source: the file, for error messages.
+    skipped: if given, a leaf whose ``prefix + name`` is in :data:`RESIZABLE`
+      and whose shape differs keeps the model's value instead of being an
+      error, and ``skipped[prefix + name]`` says why (both shapes).
   Returns:
     a new nested dict; replaced leaves have the old leaf's dtype, and its
     sharding when the old leaf is a ``jax.Array``.
@@ -56,10 +134,21 @@ def merge_params(params: Mapping, converted: Mapping, *, partial: bool = False,
   """
   old = flatten_params(params)
   new = flatten_params(converted)
-  mismatched = [f"{prefix}{k}: model {tuple(old[k].shape)}, file {tuple(np.shape(new[k]))}"
-                for k in sorted(new) if k in old and tuple(old[k].shape) != tuple(np.shape(new[k]))]
+  mismatched, kept = [], set()
+  for k in sorted(new):
+    if k not in old or tuple(old[k].shape) == tuple(np.shape(new[k])):
+      continue
+    model_shape, file_shape = tuple(old[k].shape), tuple(np.shape(new[k]))
+    reason = _resizable(prefix + k) if skipped is not None else None
+    if reason is None:
+      mismatched.append(f"{prefix}{k}: model {model_shape}, file {file_shape}")
+    else:
+      skipped[prefix + k] = (f"depends on {reason}: model {model_shape}, file {file_shape}; "
+                             f"kept as initialised")
+      kept.add(k)
   unexpected = sorted(prefix + k for k in new if k not in old)
   missing = [] if partial else sorted(prefix + k for k in old if k not in new)
+  new = {k: v for k, v in new.items() if k not in kept}
   problems = _problems(mismatched, missing, unexpected)
   if problems:
     raise ValueError(f"cannot load {source} into the model's params:\n" + "\n".join(problems))
@@ -72,40 +161,70 @@ def merge_params(params: Mapping, converted: Mapping, *, partial: bool = False,
   return unflatten_params(merged)
 
 
-def load_model_variables(path: str | os.PathLike, variables: Mapping) -> dict:
+def load_model_variables(path: str | os.PathLike, variables: Mapping, *,
+                         return_report: bool = False) -> dict | tuple[dict, LoadReport]:
   """The whole model's variables (``params`` and ``batch_stats``) from a file.
 
   The file is any layout of :data:`jdet.convert.ARCHITECTURES` (converted for
   the model's class count: COCO's 91-way torchvision heads become an 80-class
   model's labels) or a jdet ``.npz``. Every variable of the model must be in
-  the file with the same shape, and the file may hold nothing else.
+  the file with the same shape, and the file may hold nothing else, except
+  for fine-tuning: the layers of :data:`RESIZABLE` (class scores, class-specific
+  boxes, learned proposals) may have other shapes; they then keep the model's
+  initial values. What was loaded and what was re-initialised, and why, is
+  logged (INFO; a WARNING when anything was re-initialised).
 
   Args:
     path: ``.pth`` / ``.pt`` / ``.safetensors`` / ``.npz`` (see :func:`read_state_dict`).
     variables: the model's variables, e.g. ``model.init(...)`` (arrays or
       ``jax.ShapeDtypeStruct``); ``{"params": params}`` for a model without
       other collections.
+    return_report: also return the :class:`LoadReport`.
   Returns:
-    a new variables dict (collections the file does not cover are unchanged).
+    a new variables dict (collections the file does not cover are unchanged),
+    and the report if ``return_report``.
+  Raises:
+    ValueError: a shape mismatch outside :data:`RESIZABLE` (naming the
+    parameter, the model's shape and the file's), a missing or unexpected name.
   """
   source = os.fspath(path)
   state_dict = read_state_dict(path)
+  model_classes = file_classes = None
   if is_jdet_state_dict(state_dict):
+    name = "jdet"
     converted = convert_variables(state_dict)
     # A jdet .npz converted from torchvision's SSD COCO heads (91 category ids) still has them.
     if "params" in converted:
       converted["params"] = coco91_to_coco80(converted["params"], variables["params"])
   else:
     arch = find_architecture(state_dict)
-    num_classes = arch.model_classes(variables) if arch.model_classes else None
-    converted = arch.convert(state_dict, num_classes)
+    name = arch.name
+    model_classes = arch.model_classes(variables) if arch.model_classes else None
+    file_classes = arch.checkpoint_classes(state_dict) if arch.checkpoint_classes else None
+    try:
+      converted = arch.convert(state_dict, model_classes)
+    except ValueError as e:
+      if model_classes is None or file_classes is None or model_classes == file_classes:
+        raise
+      # Another class count than the converter can produce (e.g. 1 from COCO's 91):
+      # the checkpoint's own heads, whose class layers are then re-initialised.
+      log.info("%s: %s; converting its own %d classes and re-initialising the class layers",
+               source, e, file_classes)
+      converted = arch.convert(state_dict, None)
   out = {c: unfreeze(v) for c, v in variables.items()}
+  report = LoadReport(source=source, architecture=name, file_classes=file_classes,
+                      model_classes=model_classes)
   for collection, tree in converted.items():
     if collection not in variables:
       raise ValueError(f"{source} holds {collection!r} numbers, which the model does not have "
                        f"(its collections: {sorted(variables)})")
-    out[collection] = merge_params(variables[collection], tree, source=f"{source} ({collection})")
-  return out
+    skipped: dict[str, str] = {}
+    out[collection] = merge_params(variables[collection], tree, source=f"{source} ({collection})",
+                                   skipped=skipped)
+    report.reinitialised.update({f"{collection}/{k}": why for k, why in sorted(skipped.items())})
+    report.loaded += sorted(f"{collection}/{k}" for k in flatten_params(tree) if k not in skipped)
+  (log.warning if report.reinitialised else log.info)("%s", report.summary())
+  return (out, report) if return_report else out
 
 
 def load_backbone_variables(path: str | os.PathLike, variables: Mapping, *,

@@ -455,10 +455,18 @@ def test_wrapped_and_prefixed_state_dicts(tmp_path):
 
 
 def test_shape_mismatch_names_the_parameter(tv_ssd):
+  """Another class count re-initialises the class convolutions (fine-tuning; see
+  tests/convert/test_finetune.py); other default boxes per position are an error."""
   _, path = tv_ssd
-  with pytest.raises(ValueError, match=r"head/cls_0/kernel: model \(3, 3, 512, 24\), "
-                                       r"file \(3, 3, 512, 16\)"):
-    convert.load_model_variables(path, {"params": _param_shapes(_ssd(num_classes=5))})
+  _, report = convert.load_model_variables(path, {"params": _param_shapes(_ssd(num_classes=5))},
+                                           return_report=True)
+  assert report.reinitialised["params/head/cls_0/kernel"].startswith(
+      "depends on the class count: model (3, 3, 512, 24), file (3, 3, 512, 16)")
+  other_boxes = SSD(num_classes=5, size_rule=(0.15, 0.9, 0.07),
+                    aspect_ratios=((2,), (2,), (2,), (2,), (2,), (2,)))
+  with pytest.raises(ValueError, match=r"head/box_1/kernel: model \(3, 3, 1024, 16\), "
+                                       r"file \(3, 3, 1024, 24\)"):
+    convert.load_model_variables(path, {"params": _param_shapes(other_boxes)})
 
 
 def test_missing_and_unexpected_names_are_listed(tv_ssd, tmp_path):
