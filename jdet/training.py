@@ -45,6 +45,7 @@ import optax
 
 from jdet import optim, parallel
 from jdet.checkpoint import CheckpointDamagedError, Checkpointer, StopRequest
+from jdet.class_names import write_class_names
 from jdet.data import builder, pipeline, records
 from jdet.evaluation import loop as eval_loop
 from jdet.metrics import MetricWriter, ProgressBar
@@ -294,6 +295,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   # --- Data --------------------------------------------------------------------
   source = builder.build_source(config.data, "train")
   pipeline.check_num_classes(source, int(config.model.num_classes))
+  if is_main:  # beside the checkpoints, for the predictor (jdet.class_names)
+    write_class_names(workdir, source.class_names)
   transform = builder.build_transforms(config.data, train=True)
   data_iter = pipeline.train_batches(
       source, transform, batch_size=local_batch, seed=int(config.data.seed),
