@@ -124,7 +124,10 @@ def _quiet_failure() -> Iterator[None]:
       asyncio_logger.addFilter(_AbandonedReads())
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                             category=RuntimeWarning)
-    gc.collect()
+    with warnings.catch_warnings():  # also where the filters above are reset (pytest)
+      warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                              category=RuntimeWarning)
+      gc.collect()
     raise
 
 
