@@ -1,6 +1,7 @@
 """jdet.checkpoint: state + grain iterator round trips, retention, stop signals, damaged and
 mismatched checkpoints."""
 
+import logging
 import os
 import shutil
 import signal
@@ -186,7 +187,8 @@ DAMAGE = ("truncated array file", "flipped bytes", "truncated _METADATA",
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_path, kind):
+def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_path, kind,
+                                                                          caplog):
   it = iter(_dataset())
   for _ in range(3):
     next(it)
@@ -203,7 +205,12 @@ def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_pa
     assert ckpt.all_steps() == [1, 2]  # a plain restore moves nothing
 
     fresh = iter(_dataset())
-    restored = ckpt.restore_latest_intact(_big_state(0), data_iterator=fresh)
+    with caplog.at_level(logging.WARNING, logger="jdet.checkpoint"):
+      restored = ckpt.restore_latest_intact(_big_state(0), data_iterator=fresh)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "checkpoint 2 is damaged" in errors[0] and named in errors[0]
+    assert f"moved to {tmp_path / 'damaged' / '2'}" in errors[0]
+    assert "resuming from checkpoint 1, the newest intact one" in caplog.text
     _assert_same(restored, _big_state(1))
     np.testing.assert_array_equal(next(fresh), after_1)
     assert ckpt.all_steps() == [1]
