@@ -159,16 +159,19 @@ def _flat(tree: Any) -> dict[str, Any]:
 def state_digests(state: Any) -> dict[str, list]:
   """``{leaf name: [sha256 hex, shape, dtype]}`` of every leaf of ``state``.
 
-  Leaves that this process cannot read whole (sharded over several hosts)
-  get the digest ``None`` and are not verified.
+  A leaf replicated over several hosts is read from this process's copy; one
+  that this process cannot read whole (sharded over hosts) gets the digest
+  ``None`` and is not verified.
   """
   out = {}
   for name, leaf in _flat(state).items():
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      out[name] = [None, list(leaf.shape), str(np.dtype(leaf.dtype))]
-      continue
+      if not leaf.is_fully_replicated:
+        out[name] = [None, list(leaf.shape), str(np.dtype(leaf.dtype))]
+        continue
+      leaf = leaf.addressable_data(0)
     a = np.asarray(leaf)
     data = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     out[name] = [hashlib.sha256(data).hexdigest(), list(a.shape), str(a.dtype)]
