@@ -283,7 +283,9 @@ def data_config(source: ConfigDict, transforms: ConfigDict, *, batch_size: int,
 def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
           checkpoint_every: int = 5_000) -> ConfigDict:
   """The ``train`` section: ``num_steps``, logging, periodic evaluation and
-  checkpoints (the last 2 and the best by AP kept), seed 0."""
+  checkpoints (the last 2 and the best by AP kept), seed 0. An interval of 0
+  turns that periodic work off (the last step is still logged and saved);
+  ``jdet.training.check_config`` checks the section at start-up."""
   return ConfigDict(dict(
       num_steps=num_steps, log_every=log_every, eval_every=eval_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,
