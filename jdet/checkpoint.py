@@ -216,6 +216,9 @@ class Checkpointer:
       top of the last ones (0: none).
     best_metric: the key of ``metrics`` that ranks checkpoints, higher is better.
     async_save: write in a background thread.
+    remove_unfinished: delete the folders of saves cut short (a killed
+      process) at start-up. Only for the program that writes: a reader (eval)
+      would delete a save that a running training is writing.
 
   Usage::
 
@@ -227,7 +230,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | epath.PathLike, *, keep_last: int = 2, keep_best: int = 1,
-               best_metric: str = "AP", async_save: bool = True):
+               best_metric: str = "AP", async_save: bool = True, remove_unfinished: bool = False):
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
                        f"got {keep_last}")
@@ -247,8 +250,7 @@ class Checkpointer:
         # best_fn makes orbax write the metrics with each step and rank them
         # in best_step(); retention is left to the policy above.
         best_fn=self._metric, best_mode="max",
-        # Folders of saves cut short (a killed process) are removed at start-up.
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=remove_unfinished,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(path, options=options)
     _quiet_orbax()

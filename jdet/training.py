@@ -315,7 +315,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
 
   # --- Resume --------------------------------------------------------------------
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=int(tc.keep_checkpoints),
-                      keep_best=int(tc.keep_best), best_metric="AP")
+                      keep_best=int(tc.keep_best), best_metric="AP", remove_unfinished=True)
   writer = MetricWriter(workdir, enabled=is_main)
   if ckpt.latest_step() is not None:
     # Verified: a damaged newest step is moved aside and the previous one used; a

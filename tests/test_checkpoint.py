@@ -260,3 +260,19 @@ def test_another_model_is_a_mismatch_not_damage(tmp_path):
     assert "params/extra" in message
     assert ckpt.all_steps() == [1]  # nothing moved
   assert not (tmp_path / "damaged").exists()
+
+
+def test_only_the_writer_removes_unfinished_saves(tmp_path):
+  """A save cut short by a killed trainer is removed when training starts again, never by a
+  reader (eval.py would otherwise delete a save that a running training is writing)."""
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _big_state(1))
+  unfinished = tmp_path / "2.orbax-checkpoint-tmp-1700000000"
+  (unfinished / "state").mkdir(parents=True)
+  with Checkpointer(tmp_path) as reader:
+    assert reader.all_steps() == [1]
+  assert unfinished.is_dir()
+  with Checkpointer(tmp_path, remove_unfinished=True) as writer:
+    assert writer.all_steps() == [1]
+    writer.save(3, _big_state(3))  # orbax finishes its clean-up before the first save
+  assert not unfinished.exists()
