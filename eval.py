@@ -56,7 +56,8 @@ def main(argv) -> None:
   config, workdir = _CONFIG.value, flags.FLAGS.workdir
   mesh = parallel.make_mesh()
   model = build_model(config.model_name, **config.model)
-  source = builder.build_source(config.data, _SPLIT.value)
+  with cli.config_errors_exit():
+    source = builder.build_source(config.data, _SPLIT.value)
   sample = next(iter(pipeline.eval_batches(
       source, builder.build_transforms(config.data, train=False), batch_size=1)))
   variables, step = training.restore_for_eval(model, config, workdir, sample, mesh=mesh,

@@ -28,7 +28,8 @@ _CONFIG = cli.define_flags("run directory (checkpoints, metrics, eval)")
 def main(argv) -> None:
   cli.start(argv)
   from jdet import training
-  result = training.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  with cli.config_errors_exit():
+    result = training.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   if result["stopped"]:
     # A process stopped because another one got the signal exits as if it got SIGTERM.
     sig = signal.Signals(result["signal"] or signal.SIGTERM)

@@ -8,7 +8,9 @@ arguments, turns on INFO logging and joins the other processes when asked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -46,3 +48,14 @@ def start(argv) -> None:
   if f.distributed:
     from jdet import parallel
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+
+
+@contextlib.contextmanager
+def config_errors_exit():
+  """A mistake in the config or missing data (:class:`jdet.data.builder.ConfigError`) ends
+  the program with its message as the last line and exit status 1, not a traceback."""
+  from jdet.data.builder import ConfigError
+  try:
+    yield
+  except ConfigError as e:
+    sys.exit(f"error: {e}")

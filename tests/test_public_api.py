@@ -1,4 +1,4 @@
-"""The names the design notes promise under `import jdet` exist and work together."""
+"""The names the design notes (docs/design.md) promise under `import jdet` exist and work together."""
 
 import numpy as np
 import pytest

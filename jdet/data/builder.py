@@ -39,6 +39,44 @@ class ConfigError(ValueError):
   """A data config that cannot be built; the message names the field."""
 
 
+class DataNotFoundError(ConfigError, FileNotFoundError):
+  """A source's files are not on disk; the message says where they should be."""
+
+
+# Where each file-backed source kind expects its data, for the start-up check.
+_EXPECTED_PATHS = {
+    "coco": ("annotation_file", "image_root"),
+    "voc": ("root",),
+}
+_LAYOUTS = {
+    "coco": "A COCO folder holds annotations/instances_{train,val}2017.json and the image "
+            "folders train2017/ and val2017/; give it with the variant option root=DIR "
+            "(e.g. configs/sparse_rcnn.py:coco,root=/data/coco)",
+    "voc": "A VOC tree holds Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt; give "
+           "the folder above it with root=DIR (e.g. configs/ssd300.py:voc,root=/data/VOCdevkit)",
+}
+
+
+def check_data_present(kind: str, kwargs: Mapping[str, Any], where: str) -> None:
+  """Raises :class:`DataNotFoundError` when a file-backed source's paths are missing.
+
+  The message names the config field and the missing path, says what the folder
+  must hold and points to the ``shapes`` variants, which need no download.
+  """
+  for field in _EXPECTED_PATHS.get(kind, ()):
+    path = kwargs.get(field)
+    if path is None or os.path.exists(path):
+      continue
+    if kind == "voc":  # root may hold several trees named by the splits
+      splits = kwargs.get("splits") or ()
+      if all(os.path.exists(os.path.join(path, s.split("/")[0])) for s in splits if "/" in s):
+        continue
+    raise DataNotFoundError(
+        f"config field {where}.{field}: {path} does not exist. {_LAYOUTS[kind]}. To try jdet "
+        f"without downloading a dataset, use a config's :shapes variant (generated images), "
+        f"e.g. python train.py --config configs/sparse_rcnn.py:shapes --workdir runs/shapes")
+
+
 # ----------------------------------------------------------------------------
 # Sources.
 # ----------------------------------------------------------------------------
@@ -187,6 +225,7 @@ def build_source(data_config: Any, split: str) -> DetectionSource:
     raise ConfigError(f"config field {where} must be a dict with a 'kind', got {section!r}")
   kwargs = dict(section)
   kind = _pop_choice(kwargs, "kind", SOURCE_KINDS, where, "source kind")
+  check_data_present(kind, kwargs, where)
   return _call(SOURCE_KINDS[kind], kwargs, where, f"a {kind!r} source")
 
 

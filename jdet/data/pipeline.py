@@ -29,7 +29,7 @@ Evaluation (:func:`eval_batches`) reads every image of the process's share once,
 in order, and pads the last batch with filler images marked ``valid=False``,
 so every image is evaluated exactly once with one batch shape.
 
-Batches follow the contract of the design notes (``image``, ``boxes``,
+Batches follow the contract of the design notes (docs/design.md: ``image``, ``boxes``,
 ``labels``, ``image_size``, ``orig_size``, ``image_id``, ``valid``) plus
 ``scale_factor [B, 2]`` (to map detections back to original pixels),
 ``dropped_boxes [B]`` and ``truncated_boxes [B]`` (boxes removed by augmentation and
@@ -63,7 +63,7 @@ __all__ = ["BATCH_KEYS", "NOTES_KEY", "train_batches", "eval_batches", "check_nu
 
 log = logging.getLogger("jdet.data")
 
-# Keys of a batch, in the order of the design notes, and the bookkeeping extras.
+# Keys of a batch, in the order of the design notes (docs/design.md), and the bookkeeping extras.
 BATCH_KEYS = ("image", "boxes", "labels", "image_size", "orig_size", "image_id", "valid",
               "scale_factor", "dropped_boxes", "truncated_boxes")
 

@@ -1,7 +1,8 @@
 """Detectors by name: ``MODELS[name](**config.model)`` builds a Linen module.
 
 Each detector implements ``loss(batch, *, train=True) -> (loss, metrics)`` and
-``predict(batch) -> jdet.Detections`` (see the design notes in the README).
+``predict(batch) -> jdet.Detections`` (the contract: ``jdet/models/detector.py`` and
+docs/design.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -379,3 +380,22 @@ def test_configs_build(variant):
   if variant.startswith("coco"):
     assert config.optim.lr == 2.5e-5 and config.optim.clip_norm == 1.0
     assert model.frozen_parameters() == ("^backbone/(conv1|bn1|layer1)/",)
+
+
+def test_coco_variant_without_data_fails_at_start_up_pointing_to_shapes(tmp_path):
+  from jdet.data import builder
+  config = sparse_config.get_config(f"coco,root={tmp_path / 'coco'}")
+  with pytest.raises(builder.DataNotFoundError, match=r"annotations/instances_train2017\.json.*:shapes"):
+    builder.build_source(config.data, "train")
+  # train.py ends with that message as its last line, before building anything.
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[2]
+  proc = subprocess.run([sys.executable, "train.py", "--config",
+                         f"configs/sparse_rcnn.py:coco,root={tmp_path / 'coco'}",
+                         "--workdir", str(tmp_path / "run")], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config field data.train.annotation_file") and ":shapes" in last
+  assert not (tmp_path / "run" / "checkpoints").exists()
