@@ -17,6 +17,7 @@ The resulting section, which :mod:`jdet.data.builder` (the only reader) turns
 into sources and transforms::
 
   data.num_classes      # classes of the dataset (None if unknown), for the model's check
+  data.class_names      # (the ``custom`` variant only) the class names read from the data
   data.train, data.val  # one source each: ``kind`` ("shapes", "coco", "voc", "tfds")
                         # plus that kind's arguments
   data.transforms       # ``recipe`` ("ssd" or "rcnn") plus its parameters
@@ -51,12 +52,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import json
+import os
+from pathlib import Path
+
 import ml_collections
 
 from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["parse_variant", "data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
-           "ssd_augment", "rcnn_augment"]
+           "ssd_augment", "rcnn_augment", "custom_config", "CUSTOM_OPTIONS"]
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -290,3 +295,136 @@ def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
       num_steps=num_steps, log_every=log_every, eval_every=eval_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,
       eval_max_images=0))
+
+
+# ----------------------------------------------------------------------------
+# Your own data: the ``custom`` variant of every model config.
+# ----------------------------------------------------------------------------
+
+# The options of the ``custom`` variant (see :func:`custom_config`).
+CUSTOM_OPTIONS = ("format", "root", "train", "val", "images", "train_images", "val_images",
+                  "classes", "recipe")
+
+
+def _split_file(root: str, split: str) -> str:
+  return os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+
+
+def _voc_class_names(root: str) -> tuple[str, ...]:
+  """The classes of a VOC-layout tree, as :class:`jdet.data.voc.VocSource` infers them:
+  the 20 VOC classes for a VOC tree, else the sorted object names of all annotations."""
+  from jdet.data.voc import VocSource  # reads every Annotations/*.xml
+  ann_dir = os.path.join(root, "Annotations")
+  if not os.path.isdir(ann_dir):
+    raise FileNotFoundError(f"custom data: {ann_dir} not found; format=voc needs a VOC-layout "
+                            f"tree (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt)")
+  names = sorted(p.stem for p in Path(ann_dir).glob("*.xml"))
+  if not names:
+    raise FileNotFoundError(f"custom data: no .xml files in {ann_dir}")
+  found = VocSource._infer_classes(Path(ann_dir), names, {})
+  if not found:
+    raise ValueError(f"custom data: no <object><name> in the XML files of {ann_dir}")
+  return tuple(found)
+
+
+def _coco_class_names(annotation_file: str) -> tuple[str, ...]:
+  """The category names of a COCO JSON file, in the order of their ids (jdet's labels)."""
+  if not os.path.isfile(annotation_file):
+    raise FileNotFoundError(f"custom data: annotation file {annotation_file} not found")
+  with open(annotation_file, encoding="utf-8") as f:
+    categories = json.load(f).get("categories")
+  if not categories:
+    raise ValueError(f"custom data: {annotation_file} has no 'categories' list")
+  return tuple(c["name"] for c in sorted(categories, key=lambda c: c["id"]))
+
+
+def custom_data(options: dict[str, str]) -> tuple[ConfigDict, tuple[str, ...], str]:
+  """The source section of the ``custom`` variant, the class names and the format.
+
+  ``format=voc``: ``root=DIR`` (a VOC-layout tree), ``train=`` / ``val=`` the
+  split names of ``ImageSets/Main`` (default ``train`` / ``val``, else
+  ``trainval`` / ``test``), ``classes=a+b+c`` (default: every object name in
+  ``Annotations/``, sorted). ``format=coco``: ``train=A.json``, ``val=B.json``
+  and ``images=DIR`` (or ``train_images=`` / ``val_images=``); the classes are
+  the training file's categories by id (the validation file's must be the same).
+  """
+  fmt = options.get("format", "voc" if "root" in options else "coco")
+  if fmt == "voc":
+    if "root" not in options:
+      raise ValueError("custom data, format=voc: give root=DIR (the folder holding "
+                       "Annotations/, JPEGImages/ and ImageSets/Main/)")
+    root = options["root"]
+    train = options.get("train") or next(
+        (s for s in ("train", "trainval") if os.path.isfile(_split_file(root, s))), "train")
+    val = options.get("val") or next(
+        (s for s in ("val", "test") if os.path.isfile(_split_file(root, s))), "val")
+    for split in (train, val):
+      if not os.path.isfile(_split_file(root, split)):
+        raise FileNotFoundError(f"custom data: split file {_split_file(root, split)} not found "
+                                f"(train=NAME / val=NAME name files of ImageSets/Main)")
+    if options.get("classes"):
+      names = tuple(n.strip() for n in options["classes"].split("+") if n.strip())
+    else:
+      names = _voc_class_names(root)
+    return voc_data(root, train_splits=(train,), test_split=val, class_names=names), names, fmt
+  if fmt == "coco":
+    missing = [k for k in ("train", "val") if not options.get(k)]
+    if missing:
+      raise ValueError(f"custom data, format=coco: give train=A.json and val=B.json "
+                       f"(and images=DIR); missing {missing}")
+    if options.get("classes"):
+      raise ValueError("custom data, format=coco: the classes are the JSON's categories; "
+                       "classes= is for format=voc")
+    images = options.get("images")
+    train_images = options.get("train_images", images)
+    val_images = options.get("val_images", images)
+    if not train_images or not val_images:
+      raise ValueError("custom data, format=coco: give images=DIR (or train_images= and "
+                       "val_images=), the folder the JSON's file_name entries are relative to")
+    names = _coco_class_names(options["train"])
+    val_names = _coco_class_names(options["val"])
+    if val_names != names:
+      raise ValueError(f"custom data: the categories of {options['val']} {list(val_names)} "
+                       f"differ from those of {options['train']} {list(names)}")
+    def split(file: str, image_root: str, keep_empty: bool) -> dict:
+      return dict(kind="coco", annotation_file=file, image_root=image_root,
+                  keep_empty=keep_empty, check_sizes=True)
+    return (_source(len(names), split(options["train"], train_images, False),
+                    split(options["val"], val_images, True)), names, fmt)
+  raise ValueError(f"custom data: unknown format={fmt!r}; choose voc or coco")
+
+
+def custom_config(get_config, options: dict[str, str]) -> ConfigDict:
+  """The ``custom`` variant of a model config: its ``recipe`` on your own data.
+
+  Every model config (``configs/<model>.py:custom,...``) calls this with its own
+  ``get_config``. The config of variant ``recipe=`` (default ``coco``: the
+  paper's COCO setting; ``shapes`` the CPU quick start, ``smoke`` a tiny model
+  for tests) is built and its data sources replaced by :func:`custom_data`'s;
+  the model's ``num_classes`` and ``data.num_classes`` become the number of
+  classes read from the data. The transforms, model, optimiser and schedule stay
+  the recipe's (override them on the command line, e.g.
+  ``--config.train.num_steps=3000``). ``data.class_names`` records the class
+  names; ``train.py`` writes them next to the checkpoints.
+
+    python train.py --config configs/ssd300.py:custom,format=voc,root=data/raccoon ...
+    python train.py --config "configs/faster_rcnn_r50_fpn.py:custom,format=coco,\
+        train=train.json,val=val.json,images=photos" ...
+  """
+  unknown = sorted(set(options) - set(CUSTOM_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown options {unknown} of the custom variant; it takes "
+                     f"{list(CUSTOM_OPTIONS)}")
+  recipe = options.get("recipe", "coco")
+  if recipe == "custom":
+    raise ValueError("recipe=custom: name the variant whose recipe to use (coco, shapes, smoke)")
+  config = get_config(recipe)
+  source, names, fmt = custom_data(options)
+  config.data.train = source.train
+  config.data.val = source.val
+  config.data.num_classes = len(names)
+  config.data.class_names = names
+  config.model.num_classes = len(names)
+  if fmt == "voc" and "eval" in config and "voc" not in tuple(config.eval.metrics):
+    config.eval.metrics = tuple(config.eval.metrics) + ("voc",)  # VOC07 mAP as well
+  return config

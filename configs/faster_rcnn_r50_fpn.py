@@ -41,6 +41,12 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
   / AP75 0.891 after its 5000 steps (about 47 minutes at 28.5 images/s on 2
   cores).
 
+* ``custom``: your own data, VOC or COCO layout, with this config's recipe
+  (``recipe=coco``, the default, or ``shapes`` / ``smoke``) and the class count
+  read from the data (``configs/common.py: custom_config``; docs/custom_data.md):
+
+    python train.py --config configs/faster_rcnn_r50_fpn.py:custom,format=voc,root=DIR --workdir runs/mine
+
 * ``smoke``: a tiny network, a few steps on a few 64x64 generated images; seconds
   (used by the tests).
 """
@@ -129,8 +135,10 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, scales, mode: str
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "coco_ms", "shapes", "smoke"),
+  variant, options = common.parse_variant(arg, ("coco", "coco_ms", "shapes", "smoke", "custom"),
                                           default="coco")
+  if variant == "custom":  # your own data (configs/common.py: custom_config)
+    return common.custom_config(get_config, options)
   config = ml_collections.ConfigDict()
   config.model_name = "faster_rcnn"
   config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))

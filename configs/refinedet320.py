@@ -44,6 +44,12 @@ Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOC
   minutes at 20.6 images/s on 2 cores; SSD300 on the same budget: 0.719 /
   0.966 / 0.869), AP 0.776 / AP50 0.967 / AP75 0.910 with ``eval.py --tta``.
 
+* ``custom``: your own data, VOC or COCO layout, with this config's recipe
+  (``recipe=coco``, the default, or ``shapes`` / ``smoke``) and the class count
+  read from the data (``configs/common.py: custom_config``; docs/custom_data.md):
+
+    python train.py --config configs/refinedet320.py:custom,format=voc,root=DIR --workdir runs/mine
+
 * ``smoke``: a tiny network, a few steps on a few generated 64x64 images;
   seconds (used by the tests).
 
@@ -82,7 +88,10 @@ def model(num_classes: int, *, size: int = 320) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.ConfigDict:
   """The config of ``arg``; ``size`` is the input of the ``coco`` and ``voc`` variants."""
-  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke"), default="coco")
+  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
+                                          default="coco")
+  if variant == "custom":  # your own data (configs/common.py: custom_config)
+    return common.custom_config(lambda a: get_config(a, size=size), options)
   config = ml_collections.ConfigDict()
   config.model_name = "refinedet"
   config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))

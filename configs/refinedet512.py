@@ -11,7 +11,8 @@ pixels). Published: 33.0 AP on COCO test-dev, 81.8 mAP on VOC07 test.
     python train.py --config configs/refinedet512.py:voc,root=data/VOCdevkit --workdir runs/rd512v
     python eval.py  --config configs/refinedet512.py:voc,root=data/VOCdevkit --workdir runs/rd512v
 
-``shapes`` and ``smoke`` are those of ``configs/refinedet320.py`` (small inputs).
+``shapes`` and ``smoke`` are those of ``configs/refinedet320.py`` (small inputs);
+``custom`` (your own data) takes RefineDet512's recipe by default.
 """
 
 from __future__ import annotations

@@ -40,6 +40,12 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
   What it reaches is in the README's results table (target: AP 0.65 and
   AP50 0.90 within 60 minutes of training).
 
+* ``custom``: your own data, VOC or COCO layout, with this config's recipe
+  (``recipe=coco``, the default, or ``shapes`` / ``smoke``) and the class count
+  read from the data (``configs/common.py: custom_config``; docs/custom_data.md):
+
+    python train.py --config configs/sparse_rcnn.py:custom,format=voc,root=DIR --workdir runs/mine
+
 * ``smoke``: a tiny network, a few steps on a few 64x64 generated images;
   seconds (used by the tests).
 """
@@ -114,8 +120,10 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "coco_300", "shapes", "smoke"),
+  variant, options = common.parse_variant(arg, ("coco", "coco_300", "shapes", "smoke", "custom"),
                                           default="coco")
+  if variant == "custom":  # your own data (configs/common.py: custom_config)
+    return common.custom_config(get_config, options)
   # Flag-like options (``r101``, ``1x``) are given without a value.
   config = ml_collections.ConfigDict()
   config.model_name = "sparse_rcnn"

@@ -39,6 +39,12 @@ Variants (the part after ``:``; options follow a comma, e.g. ``voc,root=data/VOC
   ``eval.py --tta``. Option ``min_visible=0.5`` trains and evaluates on the
   harder split with objects down to half visible.
 
+* ``custom``: your own data, VOC or COCO layout, with this config's recipe
+  (``recipe=coco``, the default, or ``shapes`` / ``smoke``) and the class count
+  read from the data (``configs/common.py: custom_config``; docs/custom_data.md):
+
+    python train.py --config configs/ssd300.py:custom,format=voc,root=DIR --workdir runs/mine
+
 * ``smoke``: a tiny network, a few steps on a few generated images; seconds
   (used by the tests).
 """
@@ -114,7 +120,10 @@ train = common.train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke"), default="coco")
+  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
+                                          default="coco")
+  if variant == "custom":  # your own data (configs/common.py: custom_config)
+    return common.custom_config(get_config, options)
   config = ml_collections.ConfigDict()
   config.model_name = "ssd"
   config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))

@@ -14,6 +14,7 @@ levels of default boxes (maps 64, 32, 16, 8, 4, 2, 1 with steps 8 .. 512:
   Published: 79.8 mAP on VOC07 test.
 * ``shapes`` and ``smoke``: as in ``configs/ssd300.py`` (small inputs, so the
   seventh level is not used there).
+* ``custom``: your own data with SSD512's recipe (see ``configs/ssd300.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ SIZE_RULES_512 = {"coco": (0.1, 0.9, 0.04), "voc": (0.15, 0.9, 0.07)}
 
 
 def get_config(arg: str | None = None):
-  variant, _ = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke"), default="coco")
+  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
+                                          default="coco")
+  if variant == "custom":  # your own data (configs/common.py: custom_config)
+    return common.custom_config(get_config, options)
   config = ssd300.get_config(arg)
   if variant in ("coco", "voc"):
     config.model.image_size = 512
