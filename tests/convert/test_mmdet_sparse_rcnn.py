@@ -437,14 +437,13 @@ def test_matching(jdet_outputs, mmdet_outputs, batch):
 
 
 def test_loss_terms(jdet_outputs, mmdet_outputs):
-  """The 18 loss terms, MMDetection's ``s{t}.loss_*`` against jdet's ``s{t}_loss_*``.
-  GIoU is computed in float64 by both (1e-12); jdet's focal and L1 losses compute in
-  float32 whatever the input (measured within 3e-7), hence 2e-6 for them."""
+  """The 18 loss terms, MMDetection's ``s{t}.loss_*`` against jdet's ``s{t}_loss_*``, all
+  computed in float64 by both."""
   theirs = mmdet_outputs["losses"]
   assert len(theirs) == 18
   for name, value in sorted(theirs.items()):
     mine = float(jdet_outputs["metrics"][name.replace(".", "_")])
-    rtol = 1e-12 if name.endswith("loss_iou") else 2e-6
+    rtol = 1e-12
     print(f"{name}: MMDetection {value:.9f}, jdet {mine:.9f}, {mine / value - 1:+.1e}")
     assert mine == pytest.approx(value, rel=rtol), name
 
