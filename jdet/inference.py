@@ -232,7 +232,7 @@ class Predictor:
     mesh = kwargs.pop("mesh", None) or parallel.make_mesh()
     model = build_model(config.model_name, **config.model)
     data_config, predict_fn = _tta(model, config, tta)
-    sample = _sample_batch(data_config)
+    sample = _sample_batch(config.data)  # the model's own input size (not TTA's)
     variables, _ = training.restore_for_eval(model, config, workdir, sample, mesh=mesh, step=step)
     names = class_names or read_class_names(workdir) or _config_class_names(config)
     return cls(model, variables, data_config, names, mesh=mesh, predict_fn=predict_fn, **kwargs)
@@ -249,7 +249,7 @@ class Predictor:
     mesh = kwargs.pop("mesh", None) or parallel.make_mesh()
     model = build_model(config.model_name, **config.model)
     data_config, predict_fn = _tta(model, config, tta)
-    image = jnp.asarray(_sample_batch(data_config)["image"][:1])
+    image = jnp.asarray(_sample_batch(config.data)["image"][:1])  # the model's own size
     # Shapes only: every variable must come from the file.
     variables = jax.eval_shape(lambda key: model.init(key, image), jax.random.key(0))
     variables, report = convert.load_model_variables(weights, variables, return_report=True)
