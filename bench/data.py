@@ -54,19 +54,14 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import ml_collections
 import torch
 
+from harness import ROOT, Case, HostStep, machine_info, write_results  # bench/harness.py
 from jdet.data import builder, pipeline
-from ops import machine_info, write_results  # bench/ops.py
-
-# configs/ lives at the repository root, next to bench/.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # The raccoon photos, in the place the tests look for them (next to the repository).
 RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
@@ -147,6 +142,56 @@ def measure(data: ml_collections.ConfigDict, *, num_workers: int, warmup: int,
   return dict(seed=int(data.seed), source_images=len(source),
               image_shape=list(batch["image"].shape[1:]),
               batches=batches, seconds=seconds, img_s=images / seconds, first_batch_s=first)
+
+
+# ----------------------------------------------------------------------------
+# The suite's cases (bench/run_all.py).
+# ----------------------------------------------------------------------------
+
+# Per profile of run_all: {pipeline: batch size}; no worker process (the main process's
+# reading threads), so that start-up stays out of the figure.
+SUITE_BATCHES = {"gpu": {"ssd300": 32, "faster_rcnn": 2, "shapes": 16},
+                 "cpu": {"ssd300": 32, "faster_rcnn": 2, "shapes": 16},
+                 "dry": {"ssd300": 2, "faster_rcnn": 2, "shapes": 2}}
+SUITE_IMAGES_PER_CALL = {"gpu": 128, "cpu": 128, "dry": 2}
+
+
+def suite(profile: str, dtype: str, device) -> list[Case]:
+  """Training images per second of the input pipelines, jdet only (no peer): building the
+  iterator and the first batch count as its start-up; each timed call then takes
+  batches of at least 128 images (the read-ahead holds about 64)."""
+  del dtype, device
+  cases = []
+  for name, batch_size in SUITE_BATCHES[profile].items():
+    # Each reading process prepares about 64 images ahead (jdet.data.pipeline): a call
+    # takes at least 128 images.
+    per_call = max(1, -(-SUITE_IMAGES_PER_CALL[profile] // batch_size))
+
+    def make(name=name, batch_size=batch_size, per_call=per_call):
+      if name != "shapes" and not RACCOON.is_dir():
+        raise FileNotFoundError(f"the raccoon photos are not at {RACCOON}")
+      data = data_section(name, batch_size, RACCOON)
+      state = {}
+
+      def start():
+        source = builder.build_source(data, "train")
+        transform = builder.build_transforms(data, train=True)
+        state["it"] = pipeline.train_batches(source, transform, batch_size=batch_size,
+                                             seed=int(data.seed), num_workers=0,
+                                             group_by_aspect=bool(data.group_by_aspect))
+        next(state["it"])
+
+      def take():  # enough batches per call that the read-ahead cannot hide the work
+        for _ in range(per_call):
+          next(state["it"])
+
+      return HostStep(take, prepare=start)
+
+    image = {"ssd300": "300x300", "faster_rcnn": "832x1344 or 1344x832", "shapes": "128x128"}[name]
+    notes = "generated shapes" if name == "shapes" else "raccoon photos through the COCO recipe"
+    cases.append(Case("input pipeline", name, make, batch=batch_size, input_size=image,
+                      kind="data", images_per_call=per_call * batch_size, notes=notes))
+  return cases
 
 
 def _table(rows: list[dict]) -> str:

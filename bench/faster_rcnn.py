@@ -50,8 +50,9 @@ import torchvision
 from jdet.convert.faster_rcnn import fasterrcnn_resnet50_fpn_params
 from jdet.models.faster_rcnn import FasterRCNN
 from jdet.testing import random_boxes
-from ops import _jax_sync, machine_info, write_results  # bench/ops.py
-from ssd import _time, torch_infer, torch_train  # bench/ssd.py: torchvision's timed steps
+from harness import (Case, TorchStep, _jax_sync, jdet_predict_step, jdet_train_step, machine_info,
+                     write_results)  # bench/harness.py
+from ssd import _time, torch_infer, torch_infer_fn, torch_train, torch_train_fn  # bench/ssd.py
 
 TV_CLASSES = 91
 BOXES_PER_IMAGE = 3
@@ -139,6 +140,59 @@ def jdet_train(model, variables, batch, *, warmup: int, iters: int) -> float:
 def jdet_infer(model, variables, batch, *, warmup: int, iters: int) -> float:
   predict = jax.jit(lambda v, b: model.apply(v, b, method="predict"))
   return _time(lambda: predict(variables, batch), warmup=warmup, iters=iters, sync=_jax_sync)
+
+
+# ----------------------------------------------------------------------------
+# The suite's cases (bench/run_all.py).
+# ----------------------------------------------------------------------------
+
+# Per profile of run_all: (image H, W; training batch; inference batches). The GPU's:
+# 800x1333 images padded to the 832x1344 landscape bucket, 2 per device (the COCO recipe).
+SUITE_SETTINGS = {"gpu": ((800, 1333), 2, (1,)), "cpu": ((256, 384), 1, (1,)),
+                  "dry": ((128, 128), 1, (1,))}
+
+
+def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
+  """Faster R-CNN R50-FPN training and inference, jdet (the training step ``train.py``
+  runs, ``configs/faster_rcnn_r50_fpn.py``'s optimiser) beside torchvision's
+  ``fasterrcnn_resnet50_fpn`` (SGD), the same converted weights and images."""
+  from configs import faster_rcnn_r50_fpn as config_file
+
+  size, train_batch, infer_batches = SUITE_SETTINGS[profile]
+  built = {}
+
+  def models():
+    if not built:
+      built["models"] = build_models(size, dtype, device)
+    return built["models"]
+
+  def train():
+    _, model, variables = models()
+    return jdet_train_step(model, variables, jdet_batch(make_inputs(train_batch, size)),
+                           config_file.get_config("coco").optim)
+
+  def train_peer():
+    return TorchStep(torch_train_fn(models()[0], make_inputs(train_batch, size), device=device,
+                                    dtype=dtype, weight_decay=WEIGHT_DECAY,
+                                    after_train_mode=_keep_backbone_bn_frozen))
+
+  def infer(b):
+    _, model, variables = models()
+    return jdet_predict_step(model, variables, jdet_batch(make_inputs(b, size)))
+
+  def infer_peer(b):
+    return TorchStep(torch_infer_fn(models()[0], make_inputs(b, size), device=device, dtype=dtype))
+
+  h, w = size
+  canvas = f"{h}x{w} in {-(-h // 64) * 64}x{-(-w // 64) * 64}"
+  settings = dict(num_classes=TV_CLASSES - 1, boxes_per_image=BOXES_PER_IMAGE,
+                  peer_optimizer=f"SGD lr {LR} momentum {MOMENTUM}")
+  cases = [Case("Faster R-CNN R50-FPN", "train", train, train_peer, batch=train_batch,
+                input_size=canvas, peer="torchvision", settings=settings)]
+  cases += [Case("Faster R-CNN R50-FPN", "inference", lambda b=b: infer(b),
+                 lambda b=b: infer_peer(b), batch=b, input_size=canvas, peer="torchvision",
+                 settings=settings) for b in infer_batches]
+  return cases
 
 
 def main() -> None:

@@ -27,11 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
-from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,27 +36,9 @@ import torch
 import torchvision
 
 import jdet
+from harness import (Case, HostStep, JaxStep, TorchStep, _jax_sync, _median_time, _torch_sync,
+                     machine_info)  # bench/harness.py
 from jdet.testing import random_boxes
-
-
-def _median_time(fn: Callable[[], object], *, repeats: int, sync: Callable[[object], None]) -> float:
-  """Median wall time in seconds of ``fn()`` over ``repeats`` runs, after a warm-up."""
-  sync(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def _jax_sync(x):
-  jax.block_until_ready(x)
-
-
-def _torch_sync(_):
-  if torch.cuda.is_available():
-    torch.cuda.synchronize()
 
 
 def _row(name: str, ours: float, ref: float, ref_name: str) -> dict:
@@ -129,27 +106,95 @@ def bench_matching(shapes, batch: int, repeats: int) -> list[dict]:
   return rows
 
 
-def machine_info(torch_device) -> dict:
-  """The machine and library versions, recorded with every result."""
-  jdev = jax.devices()[0]
-  return {
-      "jax_device": f"{jdev.platform}: {jdev.device_kind}",
-      "torch_device": torch.cuda.get_device_name() if torch_device.type == "cuda" else "cpu",
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_threads": torch.get_num_threads(),
-      "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-  }
+# ----------------------------------------------------------------------------
+# The suite's cases (bench/run_all.py).
+# ----------------------------------------------------------------------------
+
+# Per profile of run_all: NMS sizes, RoIAlign (RoIs, (H, W), C), matching (batch, [(N, M)]).
+SUITE_SETTINGS = {
+    "gpu": dict(nms=(1000, 5000, 20000), roi=(1000, (800, 1344), 256), match=(8, ((100, 50), (300, 50)))),
+    "cpu": dict(nms=(1000, 5000), roi=(1000, (800, 1344), 256), match=(8, ((100, 50), (300, 50)))),
+    "dry": dict(nms=(200,), roi=(50, (64, 64), 8), match=(2, ((10, 5),))),
+}
 
 
-def write_results(folder, stem: str, *, machine: dict, settings: dict, rows: list[dict],
-                  table: str) -> None:
-  """``<folder>/<stem>.json`` (machine, settings, rows) and ``.txt`` (the printed table)."""
-  out = Path(folder)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
-  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
-                                   f"{json.dumps(settings)}\n{table}\n")
+def suite(profile: str, dtype: str, tdev: torch.device) -> list[Case]:
+  """The operators beside torchvision's and scipy's (float32 whatever ``dtype``)."""
+  del dtype
+  settings = SUITE_SETTINGS[profile]
+  cases = []
+  for n in settings["nms"]:
+    def inputs(n=n):
+      rng = np.random.default_rng(0)
+      boxes = random_boxes(rng, n, size=1333.0, min_side=8.0, max_side=300.0)
+      scores = rng.uniform(size=n).astype(np.float32)
+      labels = rng.integers(0, 80, size=n).astype(np.int32)
+      return boxes, scores, labels
+
+    def ours(n=n, k=None):
+      jb, js, jl = map(jnp.asarray, inputs(n))
+      return JaxStep(lambda b, s, l: jdet.ops.batched_nms(b, s, l, iou_threshold=0.5,
+                                                          max_output_size=k or n), jb, js, jl)
+
+    def theirs(n=n):
+      tb, ts, tl = (torch.from_numpy(x).to(tdev) for x in inputs(n))
+      return TorchStep(lambda: torchvision.ops.batched_nms(tb, ts, tl, 0.5))
+
+    for k, label in ((None, "all kept"), (100, "first 100")):
+      cases.append(Case("ops", f"batched_nms {n} boxes, 80 classes, jdet {label}",
+                        lambda n=n, k=k: ours(n, k), theirs, input_size=f"{n} boxes",
+                        peer="torchvision", kind="op"))
+
+  num_rois, (h, w), channels = settings["roi"]
+  strides = (4, 8, 16, 32)
+
+  def roi_inputs():
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(size=(h // s, w // s, channels)).astype(np.float32) for s in strides]
+    side = np.exp(rng.uniform(np.log(16), np.log(min(600, h, w)), size=(num_rois, 2)))
+    xy = rng.uniform(size=(num_rois, 2)) * (np.array([w, h]) - side)
+    return feats, np.concatenate([xy, xy + side], axis=1).astype(np.float32)
+
+  def roi_ours():
+    feats, rois = roi_inputs()
+    return JaxStep(lambda fs, r: jdet.ops.multilevel_roi_align(
+        fs, r, strides=strides, output_size=7, sampling_ratio=2, aligned=False),
+        [jnp.asarray(f) for f in feats], jnp.asarray(rois))
+
+  def roi_theirs():
+    feats, rois = roi_inputs()
+    pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size=7,
+                                                sampling_ratio=2)
+    tfeats = {f"p{i + 2}": torch.from_numpy(x.transpose(2, 0, 1)[None]).to(tdev)
+              for i, x in enumerate(feats)}
+    trois = [torch.from_numpy(rois).to(tdev)]
+
+    def call():
+      with torch.no_grad():
+        return pooler(tfeats, trois, [(h, w)])
+    return TorchStep(call)
+
+  cases.append(Case("ops", f"multilevel_roi_align {num_rois} RoIs, P2-P5 of {h}x{w}, C={channels}",
+                    roi_ours, roi_theirs, input_size=f"{h}x{w}", peer="torchvision", kind="op"))
+
+  batch, shapes = settings["match"]
+  for n, m in shapes:
+    def cost(n=n, m=m):
+      return np.random.default_rng(2).uniform(size=(batch, n, m)).astype(np.float32)
+
+    def scipy_loop(n=n, m=m):
+      c = cost(n, m)
+      return HostStep(lambda: [scipy.optimize.linear_sum_assignment(x) for x in c])
+
+    for solver in ("host", "jax"):
+      cases.append(Case(
+          "ops", f"linear_sum_assignment {batch}x{n}x{m}, jdet {solver} solver",
+          lambda n=n, m=m, solver=solver: JaxStep(
+              lambda c: jdet.assign.linear_sum_assignment(c, solver=solver),
+              jnp.asarray(cost(n, m))),
+          lambda n=n, m=m: scipy_loop(n, m), input_size=f"{batch}x{n}x{m}", peer="scipy",
+          kind="op"))
+  return cases
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -41,11 +40,9 @@ import torch
 
 from jdet.models import build_model
 from jdet.testing import random_boxes
-from ops import machine_info, write_results  # bench/ops.py
+from harness import (Case, jdet_predict_step, jdet_train_step, machine_info, random_variables,
+                     write_results)  # bench/harness.py (it puts the repository root on sys.path)
 from ssd import _batches, jdet_infer, jdet_train  # bench/ssd.py
-
-# configs/ lives at the repository root, next to bench/.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BOXES_PER_IMAGE = 3
 # Each RefineDet row is compared with the SSD of the same resolution class.
@@ -59,7 +56,7 @@ def load_model(name: str, dtype: str):
   kwargs["dtype"] = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   model = build_model(config.model_name, **kwargs)
   size = int(config.model.image_size)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(jax.random.key(0))
+  variables = random_variables(model, jnp.zeros((1, size, size, 3)))
   if set(variables) != {"params"}:
     raise ValueError(f"{name}: the benchmark expects a model with parameters only, "
                      f"got collections {sorted(variables)}")
@@ -76,6 +73,57 @@ def make_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
               image_size=jnp.full((batch, 2), size, jnp.int32),
               orig_size=jnp.full((batch, 2), size, jnp.int32),
               valid=jnp.ones((batch,), bool))
+
+
+# ----------------------------------------------------------------------------
+# The suite's cases (bench/run_all.py).
+# ----------------------------------------------------------------------------
+
+# Per profile of run_all: {model: (training batch or None, inference batches)}. The
+# GPU trains RefineDet320 at 32 (the issue's realistic set); RefineDet512 and SSD512
+# training would add two compilations of a minute each to an 8-minute run, and on
+# the CPU about 12 s a step each: inference only for them.
+SUITE_BATCHES = {
+    "gpu": {"refinedet320": (32, (1,)), "refinedet512": (None, (1,))},
+    "cpu": {"refinedet320": (1, (1,)), "refinedet512": (None, (1,))},
+    "dry": {"refinedet320": (1, (1,)), "refinedet512": (1, (1,))},
+}
+
+
+def suite(profile: str, dtype: str, device) -> list[Case]:
+  """RefineDet320/512 (their configs' COCO models, random weights) beside jdet's SSD of the
+  same resolution class: SSD300's figures come from ``bench/ssd.py``'s cases when the
+  suite measured the same batch (that SSD300 has torchvision's 90 classes), else from
+  ``configs/ssd300.py``'s model; SSD512 from ``configs/ssd512.py``'s."""
+  loaded = {}
+
+  def load(name):
+    if name not in loaded:
+      loaded[name] = load_model(name, dtype)
+    return loaded[name]
+
+  def step(name, case, b):
+    model, params, size, num_classes = load(name)
+    batch = make_batch(b, size, num_classes)
+    if case == "train":
+      optim_config = importlib.import_module(f"configs.{name}").get_config("coco").optim
+      return jdet_train_step(model, {"params": params}, batch, optim_config)
+    return jdet_predict_step(model, {"params": params}, batch)
+
+  cases = []
+  for name, (train_batch, infer_batches) in SUITE_BATCHES[profile].items():
+    ref = REFERENCE[name]
+    train = [("train", train_batch)] if train_batch else []
+    for case, b in train + [("inference", b) for b in infer_batches]:
+      size = int(name[-3:])
+      cases.append(Case(
+          name.replace("refinedet", "RefineDet"), case,
+          lambda name=name, case=case, b=b: step(name, case, b),
+          lambda ref=ref, case=case, b=b: step(ref, case, b),
+          batch=b, input_size=f"{size}x{size}", peer=f"jdet {ref.upper()}",
+          key=("jdet", name, case, b), peer_key=("jdet", ref, case, b),
+          settings=dict(boxes_per_image=BOXES_PER_IMAGE, weights="random")))
+  return cases
 
 
 def _table(rows: list[dict]) -> str:

@@ -59,7 +59,8 @@ import torchvision
 from jdet import convert
 from jdet.models.ssd import SSD
 from jdet.testing import random_boxes
-from ops import _jax_sync, _median_time, _torch_sync, machine_info, write_results  # bench/ops.py: shared helpers
+from harness import (Case, TorchStep, _jax_sync, _median_time, _torch_sync, jdet_predict_step,
+                     jdet_train_step, machine_info, write_results)  # bench/harness.py
 
 SIZE = 300
 TV_CLASSES = 91  # COCO in torchvision: 90 categories and the background
@@ -177,9 +178,9 @@ def jdet_infer(model, params, batch, *, warmup: int, iters: int) -> float:
   return _time(lambda: predict(params, batch), warmup=warmup, iters=iters, sync=_jax_sync)
 
 
-def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int,
-                weight_decay: float = WEIGHT_DECAY, after_train_mode=None) -> float:
-  """Median seconds of one SGD step of a torchvision detector's summed losses.
+def torch_train_fn(tv, inputs, *, device, dtype: str, weight_decay: float = WEIGHT_DECAY,
+                   after_train_mode=None):
+  """A call of one SGD step of a torchvision detector's summed losses (not yet run).
   ``after_train_mode(tv)`` runs after ``tv.train()`` (e.g. to keep frozen BatchNorm in eval)."""
   tv.train()
   if after_train_mode is not None:
@@ -197,10 +198,19 @@ def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int,
     opt.step()
     return loss
 
+  return call
+
+
+def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int,
+                weight_decay: float = WEIGHT_DECAY, after_train_mode=None) -> float:
+  """Median seconds of one SGD step of a torchvision detector's summed losses."""
+  call = torch_train_fn(tv, inputs, device=device, dtype=dtype, weight_decay=weight_decay,
+                        after_train_mode=after_train_mode)
   return _time(call, warmup=warmup, iters=iters, sync=_torch_sync)
 
 
-def torch_infer(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
+def torch_infer_fn(tv, inputs, *, device, dtype: str):
+  """A call of a torchvision detector in eval mode, post-processing included (not yet run)."""
   tv.eval()
   images, _ = torch_batch(inputs, device)
 
@@ -208,7 +218,64 @@ def torch_infer(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> f
     with torch.inference_mode(), _autocast(device, dtype):
       return tv(images)
 
-  return _time(call, warmup=warmup, iters=iters, sync=_torch_sync)
+  return call
+
+
+def torch_infer(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
+  return _time(torch_infer_fn(tv, inputs, device=device, dtype=dtype), warmup=warmup,
+               iters=iters, sync=_torch_sync)
+
+
+# ----------------------------------------------------------------------------
+# The suite's cases (bench/run_all.py).
+# ----------------------------------------------------------------------------
+
+# Per profile of run_all: (training batch, inference batches). The GPU's are the
+# issue's realistic ones (batch 32 per device, latency at batch 1).
+SUITE_BATCHES = {"gpu": (32, (1,)), "cpu": (1, (1,)), "dry": (1, (1,))}
+
+
+def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
+  """SSD300 training and inference, jdet (the training step ``train.py`` runs, with
+  ``configs/ssd300.py``'s optimiser) beside torchvision's ``ssd300_vgg16`` (SGD), the
+  same converted weights and inputs."""
+  from configs import ssd300 as ssd300_config
+
+  train_batch, infer_batches = SUITE_BATCHES[profile]
+  built = {}
+
+  def models():
+    if not built:
+      built["models"] = build_models(dtype, device, background_shift=8.0)
+    return built["models"]
+
+  def train():
+    _, model, params = models()
+    return jdet_train_step(model, {"params": params}, jdet_batch(make_inputs(train_batch)),
+                           ssd300_config.get_config("coco").optim)
+
+  def train_peer():
+    return TorchStep(torch_train_fn(models()[0], make_inputs(train_batch), device=device,
+                                    dtype=dtype))
+
+  def infer(b):
+    _, model, params = models()
+    return jdet_predict_step(model, {"params": params}, jdet_batch(make_inputs(b)))
+
+  def infer_peer(b):
+    return TorchStep(torch_infer_fn(models()[0], make_inputs(b), device=device, dtype=dtype))
+
+  size = f"{SIZE}x{SIZE}"
+  settings = dict(num_classes=TV_CLASSES - 1, boxes_per_image=BOXES_PER_IMAGE,
+                  background_shift=8.0, peer_optimizer=f"SGD lr {LR} momentum {MOMENTUM}")
+  cases = [Case("SSD300", "train", train, train_peer, batch=train_batch, input_size=size,
+                peer="torchvision", key=("jdet", "ssd300", "train", train_batch),
+                settings=settings)]
+  cases += [Case("SSD300", "inference", lambda b=b: infer(b), lambda b=b: infer_peer(b), batch=b,
+                 input_size=size, peer="torchvision", key=("jdet", "ssd300", "inference", b),
+                 settings=settings)
+            for b in infer_batches]
+  return cases
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,467 @@
+"""What every benchmark program shares: timed steps, FLOPs, memory, peaks, the machine, result files.
+
+A benchmark case times two :class:`Step` objects side by side, jdet's and its
+peer's, with the same protocol (:mod:`bench.run_all` plans how many calls):
+
+1. ``prepare()``: for a :class:`JaxStep`, ``jax.jit(fn).lower(...).compile()``,
+   timed apart (``compile_s``), with XLA's cost analysis of the compiled step
+   (``flops``) and its buffer assignment (``memory_bytes``: arguments + outputs
+   + temporaries - donated aliases); for a :class:`TorchStep` nothing.
+2. ``run()`` once, untimed for the figures but recorded (``first_s``): the
+   first call of a compiled step, or the peer's first call (lazy
+   initialisation, cuDNN autotuning, the allocator).
+3. ``run()`` as many times as planned: ``step_s``, each waited for
+   (``block_until_ready`` / CUDA synchronisation); the figure is the median.
+
+MFU = FLOPs of the compiled jdet step / step time / the device's peak. The peer
+gets the same model FLOPs (it does the same arithmetic, give or take its own
+implementation's extras), so its MFU is comparable. Peaks (:data:`PEAK_TFLOPS`)
+are dense bfloat16 tensor-core figures per device name; a CPU gets a nominal
+float32 peak from its core count, clock and FMA width (:func:`cpu_peak_flops`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# configs/ lives at the repository root, next to bench/.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+# Dense bfloat16 tensor-core peak in TFLOP/s by a substring of the device name (first match).
+# H100 SXM and H200: 989.4 (NVIDIA's datasheets; the sparse figure is twice that).
+PEAK_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),  # float16 tensor cores (no bfloat16)
+)
+
+
+# ----------------------------------------------------------------------------
+# Synchronisation and simple timing (also used by the single programs).
+# ----------------------------------------------------------------------------
+
+
+def _jax_sync(x):
+  jax.block_until_ready(x)
+
+
+def _torch_sync(_):
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], object], *, repeats: int, sync: Callable[[object], None]) -> float:
+  """Median wall time in seconds of ``fn()`` over ``repeats`` runs, after a warm-up."""
+  sync(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled XLA computation (its cost analysis), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends have none
+    return None
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _memory(compiled) -> int | None:
+  """Bytes XLA's buffer assignment holds for one call: arguments, outputs and temporaries,
+  less what donated arguments give to outputs."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+class Step:
+  """A thing to time: ``prepare()`` (compile or nothing) then ``run()`` calls."""
+
+  framework = ""
+  compile_s: float | None = None
+  flops: float | None = None
+  memory_bytes: int | None = None
+
+  def prepare(self) -> float | None:
+    return None
+
+  def run(self) -> float:  # seconds of one call, waited for
+    raise NotImplementedError
+
+  def peak_memory(self) -> int | None:
+    return None
+
+
+class JaxStep(Step):
+  """``fn`` jitted, compiled apart from its calls.
+
+  With ``carry=True``, ``fn(state, *args) -> (state, out)`` and the state is
+  donated and threaded from call to call (a training step); otherwise
+  ``fn(*args) -> out``.
+
+  ``JaxStep.lower_only = True`` (``run_all --dry_run``) makes ``prepare`` trace and
+  lower the step without compiling it and ``run`` a no-op: every argument, shape
+  and dtype error still surfaces, in seconds instead of minutes of compiling.
+  """
+
+  framework = "jax"
+  lower_only = False
+
+  def __init__(self, fn: Callable, *args, carry: bool = False):
+    self.fn, self.args, self.carry = fn, args, carry
+    self.compiled = None
+
+  def prepare(self) -> float:
+    if self.carry:
+      state, *rest = self.args
+      # A copy: the donated buffers are consumed, and the caller may share the originals.
+      self.args = (jax.tree.map(jnp.copy, state), *rest)
+      jitted = jax.jit(self.fn, donate_argnums=0)
+    else:
+      jitted = jax.jit(self.fn)
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*self.args)
+    if self.lower_only:
+      self.compile_s = time.perf_counter() - t0
+      return self.compile_s
+    self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - t0
+    self.flops = _flops(self.compiled)
+    self.memory_bytes = _memory(self.compiled)
+    return self.compile_s
+
+  def run(self) -> float:
+    if self.lower_only:
+      return 0.0
+    t0 = time.perf_counter()
+    if self.carry:
+      state, out = self.compiled(*self.args)
+      self.args = (state, *self.args[1:])
+      jax.block_until_ready((state, out))
+    else:
+      jax.block_until_ready(self.compiled(*self.args))
+    return time.perf_counter() - t0
+
+  def peak_memory(self) -> int | None:
+    """The device's peak bytes in use so far in this process (GPUs; None on a CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+class TorchStep(Step):
+  """A torch callable (the peer); peak memory from ``torch.cuda.max_memory_allocated``,
+  reset before its first call."""
+
+  framework = "torch"
+
+  def __init__(self, fn: Callable[[], Any]):
+    self.fn = fn
+
+  def prepare(self) -> None:
+    import torch
+    if torch.cuda.is_available():
+      torch.cuda.reset_peak_memory_stats()
+    return None
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    _torch_sync(self.fn())
+    return time.perf_counter() - t0
+
+  def peak_memory(self) -> int | None:
+    import torch
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+class HostStep(Step):
+  """A plain Python callable (scipy, an input pipeline)."""
+
+  framework = "host"
+
+  def __init__(self, fn: Callable[[], Any], prepare: Callable[[], Any] | None = None):
+    self.fn, self._prepare = fn, prepare
+
+  def prepare(self) -> float | None:
+    if self._prepare is None:
+      return None
+    t0 = time.perf_counter()
+    self._prepare()
+    self.compile_s = time.perf_counter() - t0
+    return self.compile_s
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    self.fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Timing:
+  """What one side of a case measured (seconds)."""
+
+  compile_s: float | None = None
+  first_s: float | None = None
+  step_s: list[float] = field(default_factory=list)
+  flops: float | None = None
+  memory_bytes: int | None = None
+  peak_memory_bytes: int | None = None
+
+  @property
+  def median_s(self) -> float | None:
+    return statistics.median(self.step_s) if self.step_s else None
+
+  def as_dict(self) -> dict:
+    return dict(compile_s=self.compile_s, first_s=self.first_s, step_s=self.step_s,
+                median_s=self.median_s, flops=self.flops, memory_bytes=self.memory_bytes,
+                peak_memory_bytes=self.peak_memory_bytes)
+
+
+def time_step(step: Step, iters: int, timing: Timing | None = None) -> Timing:
+  """``prepare``, one first call, then ``iters`` timed calls of ``step``."""
+  timing = timing or Timing()
+  if timing.first_s is None:
+    timing.compile_s = step.prepare()
+    timing.flops, timing.memory_bytes = step.flops, step.memory_bytes
+    timing.first_s = step.run()
+  timing.step_s.extend(step.run() for _ in range(iters))
+  timing.peak_memory_bytes = step.peak_memory()
+  return timing
+
+
+# ----------------------------------------------------------------------------
+# Random weights without compiling an initialiser.
+# ----------------------------------------------------------------------------
+
+
+def random_variables(model, *init_args, seed: int = 0, **init_kwargs) -> dict:
+  """Variables of ``model`` for timing, drawn in NumPy from ``jax.eval_shape(model.init, ...)``
+  (compiling the model's own initialisers costs as much as a step on a CPU): kernels
+  He-normal, biases and means 0, norm scales and variances 1 (an L2Norm's scale 20)."""
+  shapes = jax.eval_shape(lambda k: model.init(k, *init_args, **init_kwargs), jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+
+  def make(path, leaf):
+    names = [str(getattr(p, "key", p)) for p in path]
+    name, parent = names[-1], names[-2] if len(names) > 1 else ""
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(0.0, np.sqrt(2.0 / max(fan_in, 1)), leaf.shape)
+    elif name == "scale":
+      value = np.full(leaf.shape, 20.0 if parent.endswith("_norm") else 1.0)
+    elif name == "var":
+      value = np.ones(leaf.shape)
+    elif name in ("bias", "mean"):
+      value = np.zeros(leaf.shape)
+    else:
+      value = rng.normal(0.0, 0.02, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+# ----------------------------------------------------------------------------
+# The machine, peaks, result files.
+# ----------------------------------------------------------------------------
+
+
+def jax_device_kind() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}: {d.device_kind}"
+
+
+def device_name(torch_device=None) -> str:
+  """A file-name slug for the accelerator: ``cpu``, ``nvidia-h100-80gb-hbm3``, ..."""
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return "cpu"
+  return re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-")
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return set()
+  line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+  return set(line.split(":", 1)[-1].split())
+
+
+def _cpu_mhz() -> float | None:
+  for path in ("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",):
+    try:
+      return float(Path(path).read_text()) / 1e3
+    except (OSError, ValueError):
+      pass
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("cpu MHz"):
+        return float(line.split(":")[1])
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def cpu_peak_flops(cores: int | None = None) -> tuple[float | None, str]:
+  """A nominal float32 peak of ``cores`` CPU cores (default: this process's): cores x clock x
+  FLOPs per cycle (32 with AVX2 and FMA: two 256-bit FMA pipes, as on Zen 2-4 and most
+  Intel cores; 16 without). Nominal: turbo, AVX-512 on two 512-bit pipes and other jobs
+  are ignored."""
+  if not cores:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  mhz = _cpu_mhz()
+  if not cores or not mhz:
+    return None, "unknown CPU clock"
+  flags = _cpu_flags()
+  per_cycle = 32 if {"avx2", "fma"} <= flags else 16
+  return cores * mhz * 1e6 * per_cycle, (f"nominal float32: {cores} cores x {mhz:.0f} MHz x "
+                                          f"{per_cycle} FLOP/cycle")
+
+
+def peak_flops(override_tflops: float | None = None, *,
+               cpu_cores: int | None = None) -> tuple[float | None, str]:
+  """``(peak FLOP/s, where it comes from)`` for JAX's first device (on a CPU, of
+  ``cpu_cores`` cores: the threads each side runs with)."""
+  if override_tflops:
+    return override_tflops * 1e12, "given (--peak_tflops)"
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return cpu_peak_flops(cpu_cores)
+  tflops = table_peak_tflops(d.device_kind)
+  if tflops is None:
+    return None, f"no peak known for {d.device_kind!r} (give --peak_tflops)"
+  return tflops * 1e12, f"dense bfloat16 of {d.device_kind} (bench/harness.py PEAK_TFLOPS)"
+
+
+def table_peak_tflops(device_kind: str) -> float | None:
+  """:data:`PEAK_TFLOPS` for a device name (``"NVIDIA H100 80GB HBM3"`` -> 989.4), or None."""
+  for key, tflops in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      return tflops
+  return None
+
+
+def machine_info(torch_device) -> dict:
+  """The machine and library versions, recorded with every result."""
+  import torch
+  import torchvision
+  jdev = jax.devices()[0]
+  info = {
+      "jax_device": f"{jdev.platform}: {jdev.device_kind}",
+      "torch_device": torch.cuda.get_device_name() if torch_device.type == "cuda" else "cpu",
+      "cpu": platform.processor() or platform.machine(),
+      "cpu_threads": torch.get_num_threads(),
+      "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+  }
+  return info
+
+
+def write_results(folder, stem: str, *, machine: dict, settings: dict, rows: list[dict],
+                  table: str) -> None:
+  """``<folder>/<stem>.json`` (machine, settings, rows) and ``.txt`` (the printed table)."""
+  out = Path(folder)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{stem}.json").write_text(json.dumps(
+      {"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
+  (out / f"{stem}.txt").write_text(f"machine: {json.dumps(machine)}\nsettings: "
+                                   f"{json.dumps(settings)}\n{table}\n")
+
+
+# ----------------------------------------------------------------------------
+# Cases for bench/run_all.py.
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+  """One row of the suite: jdet's step beside its peer's.
+
+  ``make()`` builds jdet's step, ``make_peer()`` the peer's (models shared between
+  a group's cases are cached by the program that defines them). ``peer_key``: when
+  the peer is a jdet model measured elsewhere in the suite (RefineDet beside SSD),
+  the key of that measurement; ``run_all`` reuses it when it is there instead of
+  measuring it twice. ``key`` is this case's own such key.
+  """
+
+  group: str  # "SSD300", "Sparse R-CNN R50-FPN", "ops", "input pipeline"
+  case: str  # "train", "inference", "batched_nms 1k boxes, first 100", ...
+  make: Callable[[], Step]
+  make_peer: Callable[[], Step] | None = None
+  batch: int | None = None
+  input_size: str = ""  # "300x300", "800x1333 in 832x1344", "1000 boxes"
+  peer: str | None = None  # "torchvision", "MMDetection 3.3.0", "scipy", "jdet SSD300"
+  kind: str = "model"  # "model" (img/s, MFU), "op" (ms), "data" (img/s, no peer)
+  images_per_call: int | None = None  # default: batch (an input pipeline takes several)
+  key: tuple | None = None
+  peer_key: tuple | None = None
+  notes: str = ""
+  settings: dict = field(default_factory=dict)
+
+  @property
+  def name(self) -> str:
+    b = f" bs{self.batch}" if self.batch else ""
+    return f"{self.group} {self.case}{b}"
+
+
+# ----------------------------------------------------------------------------
+# jdet's steps: the training step train.py runs, and predict.
+# ----------------------------------------------------------------------------
+
+
+def jdet_train_step(model, variables: dict, batch: dict, optim_config, *,
+                    total_steps: int = 100_000, seed: int = 0) -> JaxStep:
+  """The training step ``train.py`` runs (:func:`jdet.training.make_train_step`: loss,
+  gradients, the config's optimiser with the model's frozen parameters, the
+  non-finite guard), on ``variables`` (``params`` and optional ``batch_stats``)."""
+  from jdet import optim, training
+  from jdet.train_state import TrainState
+
+  tx, schedule = optim.build_optimizer(optim_config, total_steps=total_steps,
+                                       frozen=model.frozen_parameters())
+  state = TrainState.create(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+                            tx=tx, rng=jax.random.key(seed))
+  return JaxStep(training.make_train_step(model, schedule), state, batch, carry=True)
+
+
+def jdet_predict_step(model, variables: dict, batch: dict) -> JaxStep:
+  """``model.apply(variables, batch, method="predict")``, post-processing included."""
+  return JaxStep(lambda v, b: model.apply(v, b, method="predict"), variables, batch)
