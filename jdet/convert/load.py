@@ -40,9 +40,10 @@ __all__ = ["merge_params", "load_model_variables", "load_backbone_variables", "L
 log = logging.getLogger(__name__)
 
 # The model parameters whose shapes follow the class count or the number of learned
-# proposals, as ``(pattern on the path inside its collection, what it depends on)``. On fine-tuning
-# (a file with another count) they are re-initialised instead of loaded; any other
-# shape mismatch is an error. C classes, A anchors per position, N proposals.
+# proposals, as ``(pattern on the path inside its collection, what it depends on)``.
+# On fine-tuning (a file with another count) they are re-initialised instead of
+# loaded; any other shape mismatch is an error. C classes, A anchors per position,
+# N proposals.
 RESIZABLE: tuple[tuple[str, str], ...] = (
     # SSD: one class convolution per level, [3, 3, in, A * (C + 1)].
     (r"head/cls_\d+/(kernel|bias)", "the class count"),
@@ -93,6 +94,11 @@ class LoadReport:
       classes = f"; file {self.file_classes} classes, model {self.model_classes}"
     lines = [f"{self.source} ({self.architecture}{classes}): loaded {len(self.loaded)} "
              f"variables, re-initialised {len(self.reinitialised)}"]
+    groups: dict[str, int] = {}
+    for name in self.loaded:  # by collection and top-level module
+      top = "/".join(name.split("/")[:2])
+      groups[top] = groups.get(top, 0) + 1
+    lines += [f"  loaded {top}: {n} variable{'s' * (n != 1)}" for top, n in groups.items()]
     lines += [f"  re-initialised {name}: {why}" for name, why in self.reinitialised.items()]
     return "\n".join(lines)
 
