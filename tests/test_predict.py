@@ -214,3 +214,34 @@ def test_predict_program_skips_bad_files(tmp_path):
     assert 0 <= x and 0 <= y and x + w <= image["width"] + 1e-3
     assert y + h <= image["height"] + 1e-3
   assert info["class_names"] == ["ellipse", "rectangle", "triangle", "star", "cross"]
+
+
+@pytest.mark.slow
+def test_tta_gives_what_the_evaluation_loop_gives(tmp_path):
+  """``Predictor(..., tta=True)``: the detections of ``eval.py --tta``'s loop (the same
+  passes and merge) on the smoke validation images, exactly."""
+  from jdet.data import builder
+  from jdet.evaluation import loop as eval_loop
+  from jdet.evaluation import tta
+  config = ssd300.get_config("smoke")
+  ssd300.shapes_tta(config)  # three scales with flips, box voting
+  model = build_model("ssd", **config.model)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3))))(jax.random.key(1))
+  convert.save_params_npz(tmp_path / "w.npz", variables)
+  mesh = _one_device()
+  predictor = Predictor.from_weights(config, tmp_path / "w.npz", tta=True, mesh=mesh)
+  settings = tta.TTASettings.from_config(config.tta).resolve(model)
+  result = eval_loop.evaluate_split(
+      model, parallel.replicate(variables, mesh), tta.tta_data_config(config.data, settings),
+      mesh=mesh, predict_fn=tta.make_tta_predict_fn(model, settings))
+  source = builder.build_source(config.data, "val")
+  examples = [source[i] for i in range(len(source))]
+  ids = [source.category_id(k) for k in range(len(source.class_names))]
+  mine = [d for ex, r in zip(examples, predictor([ex.image for ex in examples]))
+          for d in r.to_coco(ex.image_id, ids)]
+  order = lambda d: (d["image_id"], -d["score"], d["bbox"])
+  want = sorted(result.detections, key=order)
+  assert len(want) > 0 and len(mine) == len(want)
+  for a, b in zip(sorted(mine, key=order), want):
+    assert (a["image_id"], a["category_id"], a["score"], a["bbox"]) == \
+        (b["image_id"], b["category_id"], b["score"], b["bbox"])
