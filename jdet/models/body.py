@@ -27,7 +27,11 @@ from jdet.models.backbones.resnet import ResNet
 from jdet.models.necks.fpn import FPN
 from jdet.ops.roi_align import multilevel_roi_align
 
-__all__ = ["ResNetFPN", "roi_features"]
+__all__ = ["ResNetFPN", "roi_features", "body_of", "frozen_body_parameters", "BODY_FIELDS"]
+
+# The fields a detector shares with its ResNetFPN body, under the same names.
+BODY_FIELDS = ("depth", "widths", "stem_width", "norm", "norm_eps", "frozen_stages",
+               "fpn_channels", "dtype")
 
 
 class ResNetFPN(nn.Module):
@@ -72,6 +76,18 @@ class ResNetFPN(nn.Module):
   def __call__(self, image, *, train: bool = False) -> list[jnp.ndarray]:
     """``image [B, H, W, 3]`` -> levels ``[B, ceil(H / s), ceil(W / s), fpn_channels]``."""
     return list(self.neck(self.backbone(image, train=train)))
+
+
+def body_of(detector: Any, *, num_extra: int) -> ResNetFPN:
+  """The :class:`ResNetFPN` of a detector that has the :data:`BODY_FIELDS`; call it in the
+  detector's ``setup`` and share its scope (``nn.share_scope(self, self.body)``)."""
+  fields = {f: getattr(detector, f) for f in BODY_FIELDS}
+  return ResNetFPN(**{**fields, "widths": tuple(fields["widths"])}, num_extra=num_extra)
+
+
+def frozen_body_parameters(frozen_stages: int) -> tuple[str, ...]:
+  """Regexps of the parameters a ResNetFPN body with ``frozen_stages`` freezes."""
+  return ResNetFPN(frozen_stages=frozen_stages, parent=None).frozen_parameters()
 
 
 def roi_features(features: Sequence[jnp.ndarray], rois, *, strides: Sequence[int],

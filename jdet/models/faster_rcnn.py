@@ -73,7 +73,7 @@ from jdet import losses
 from jdet.assign.max_iou import max_iou_assign
 from jdet.assign.sampling import sample_balanced
 from jdet.detections import Detections
-from jdet.models.body import ResNetFPN, roi_features
+from jdet.models.body import body_of, frozen_body_parameters, roi_features
 from jdet.models.detector import (encode_positives, finalize_detections, gt_labels, image_sizes,
                                   image_valid)
 from jdet.models.heads.roi_head import RoIBoxHead
@@ -284,10 +284,7 @@ class FasterRCNN(nn.Module):
     if len(set(per_location)) != 1:
       raise ValueError(f"the shared RPN head needs as many anchors per location on every level; "
                        f"anchor_sizes {self.anchor_sizes} give {per_location}")
-    self.body = ResNetFPN(depth=self.depth, widths=tuple(self.widths), stem_width=self.stem_width,
-                          norm=self.norm, norm_eps=self.norm_eps,
-                          frozen_stages=self.frozen_stages, fpn_channels=self.fpn_channels,
-                          num_extra=len(self.strides) - 4, dtype=self.dtype)
+    self.body = body_of(self, num_extra=len(self.strides) - 4)
     nn.share_scope(self, self.body)  # variables: backbone/..., neck/...
     self.rpn_head = RPNHead(num_anchors=per_location[0], dtype=self.dtype)
     self.roi_head = RoIBoxHead(num_classes=self.num_classes,
@@ -306,25 +303,25 @@ class FasterRCNN(nn.Module):
     return list(features)
 
   def rpn(self, features: Sequence[jnp.ndarray]):
-    """-> ``(logits [B, A], deltas [B, A, 4], anchors [A, 4] (NumPy), level_sizes)``."""
+    """-> ``(logits [B, A], deltas [B, A, 4], anchors [A, 4] (NumPy), level_counts)``."""
     logits, deltas = self.rpn_head(features)
     sizes = [tuple(f.shape[1:3]) for f in features]
     anchors = multilevel_grid_anchors(sizes, self.strides, self._anchor_sizes(),
                                       self.anchor_ratios, concat=False)
-    level_sizes = [a.shape[0] for a in anchors]
+    level_counts = [a.shape[0] for a in anchors]
     anchors = np.concatenate(anchors, axis=0)
     if anchors.shape[0] != logits.shape[1]:
       raise ValueError(f"{anchors.shape[0]} anchors but the RPN head predicts {logits.shape[1]}")
-    return logits, deltas, anchors, level_sizes
+    return logits, deltas, anchors, level_counts
 
   # --- Proposals, RoI head --------------------------------------------------------
 
-  def _proposals(self, logits, deltas, anchors, level_sizes, image_size, *,
+  def _proposals(self, logits, deltas, anchors, level_counts, image_size, *,
                  train: bool) -> Proposals:
     i = 0 if train else 1
 
     def one(l, d, size):
-      return rpn_proposals(l, d, anchors, level_sizes, size,
+      return rpn_proposals(l, d, anchors, level_counts, size,
                            pre_nms_top_n=self.rpn_pre_nms_top_n[i],
                            post_nms_top_n=self.rpn_post_nms_top_n[i],
                            nms_threshold=self.rpn_nms_threshold, min_size=self.rpn_min_size,
@@ -344,7 +341,7 @@ class FasterRCNN(nn.Module):
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters that never train (the frozen ResNet stages)."""
-    return ResNetFPN(frozen_stages=self.frozen_stages, parent=None).frozen_parameters()
+    return frozen_body_parameters(self.frozen_stages)
 
   def __call__(self, image, image_size=None, *, train: bool = False):
     """The two-stage forward: ``(Proposals, logits [B, P, C + 1], deltas [B, P, C + 1, 4])``.
@@ -354,8 +351,8 @@ class FasterRCNN(nn.Module):
     if image_size is None:
       image_size = image_sizes({"image": image})
     features = self.features(image, train=train)
-    logits, deltas, anchors, level_sizes = self.rpn(features)
-    proposals = self._proposals(logits, deltas, anchors, level_sizes, image_size, train=train)
+    logits, deltas, anchors, level_counts = self.rpn(features)
+    proposals = self._proposals(logits, deltas, anchors, level_counts, image_size, train=train)
     cls_logits, box_deltas = self.roi_head(self.roi_features(features, proposals.boxes))
     return proposals, cls_logits, box_deltas
 
@@ -372,7 +369,7 @@ class FasterRCNN(nn.Module):
     labels = gt_labels(batch)
 
     features = self.features(image, train=train)
-    logits, deltas, anchors, level_sizes = self.rpn(features)
+    logits, deltas, anchors, level_counts = self.rpn(features)
 
     key_rpn, key_rcnn = jax.random.split(self.make_rng("sampling"))
     pos, neg, rpn_target = jax.vmap(
@@ -386,7 +383,7 @@ class FasterRCNN(nn.Module):
     rpn_obj, rpn_box, _ = rpn_loss(logits, deltas, pos, neg, rpn_target,
                                    smooth_l1_beta=self.rpn_smooth_l1_beta)
 
-    proposals = self._proposals(logits, deltas, anchors, level_sizes, image_size, train=train)
+    proposals = self._proposals(logits, deltas, anchors, level_counts, image_size, train=train)
     rois, classes, rcnn_target, sampled = jax.vmap(
         lambda k, p, v, g, l: rcnn_targets(k, p, v, g, l, num_samples=self.rcnn_num_samples,
                                            positive_fraction=self.rcnn_positive_fraction,
@@ -414,8 +411,8 @@ class FasterRCNN(nn.Module):
   def proposals(self, batch, *, train: bool = False) -> Proposals:
     """The RPN's proposals (input pixels) with the test-time (or training) numbers."""
     features = self.features(batch["image"], train=False)
-    logits, deltas, anchors, level_sizes = self.rpn(features)
-    return self._proposals(logits, deltas, anchors, level_sizes, image_sizes(batch), train=train)
+    logits, deltas, anchors, level_counts = self.rpn(features)
+    return self._proposals(logits, deltas, anchors, level_counts, image_sizes(batch), train=train)
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels, ``max_detections`` per image."""

@@ -322,7 +322,7 @@ class RefineDet(nn.Module):
     return 1 + 2 * len(self.aspect_ratios)
 
   @property
-  def level_sizes(self) -> tuple[float, ...]:
+  def anchor_sizes_by_level(self) -> tuple[float, ...]:
     """The anchor size of each level in pixels (32, 64, 128, 256): ``anchor_scale``
     times the level's stride (8, 16, ... or 4, 8, ... with conv3_3)."""
     if self.anchor_sizes is not None:
@@ -337,7 +337,7 @@ class RefineDet(nn.Module):
     each location the 1:1 anchor, then ``a:1`` and ``1:a`` for each ratio.
     """
     n = len(feature_sizes)
-    sizes = self.level_sizes
+    sizes = self.anchor_sizes_by_level
     if len(sizes) != n:
       raise ValueError(f"{len(sizes)} anchor sizes but the backbone has {n} levels")
     steps = self.steps
@@ -352,10 +352,10 @@ class RefineDet(nn.Module):
     if image.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"RefineDet{self.image_size} expects {self.image_size}x{self.image_size} "
                        f"input, got {image.shape[1]}x{image.shape[2]}")
-    features = self.backbone(image, train=train)  # 4 maps, strides 8, 16, 32, 64
+    features = self.backbone(image, train=train)  # L maps, strides (4,) 8, 16, 32, 64
     sizes = [f.shape[1:3] for f in features]
     arm_logits, arm_deltas = self.arm(features)  # [B, A, 2], [B, A, 4]
-    odm_features = self.tcb(features, train=train)  # 4 maps of tcb_width channels
+    odm_features = self.tcb(features, train=train)  # L maps of tcb_width channels
     odm_logits, odm_deltas = self.odm(odm_features)  # [B, A, C + 1], [B, A, 4]
     anchors = self.anchors(sizes)
     if anchors.shape[0] != arm_logits.shape[1]:
@@ -404,4 +404,4 @@ class RefineDet(nn.Module):
     larger input finds smaller objects."""
     if size == self.image_size:
       return self
-    return self.clone(image_size=size, anchor_sizes=self.level_sizes)
+    return self.clone(image_size=size, anchor_sizes=self.anchor_sizes_by_level)

@@ -115,7 +115,7 @@ def rpn_loss(logits, deltas, pos, neg, target_deltas, *, smooth_l1_beta: float =
 # ----------------------------------------------------------------------------
 
 
-def rpn_proposals(logits, deltas, anchors, level_sizes: Sequence[int], image_size, *,
+def rpn_proposals(logits, deltas, anchors, level_counts: Sequence[int], image_size, *,
                   pre_nms_top_n: int, post_nms_top_n: int, nms_threshold: float = 0.7,
                   min_size: float = 1e-3, score_threshold: float = 0.0,
                   tile_size: int = DEFAULT_TILE_SIZE):
@@ -131,17 +131,17 @@ def rpn_proposals(logits, deltas, anchors, level_sizes: Sequence[int], image_siz
     logits: ``[A]`` objectness logits.
     deltas: ``[A, 4]`` offsets.
     anchors: ``[A, 4]`` xyxy, level by level.
-    level_sizes: static, the number of anchors of each level (summing to A).
+    level_counts: static, the number of anchors of each level (summing to A).
     image_size: ``[2]`` ``(h, w)`` of the real image.
   Returns:
     ``(boxes [P, 4], scores [P], valid [P])`` with ``P = post_nms_top_n``, by
     descending score; padded rows are 0 and invalid.
   """
-  if sum(level_sizes) != logits.shape[0]:
-    raise ValueError(f"level_sizes {tuple(level_sizes)} do not add up to {logits.shape[0]} anchors")
+  if sum(level_counts) != logits.shape[0]:
+    raise ValueError(f"level_counts {tuple(level_counts)} do not add up to {logits.shape[0]} anchors")
   index, level = [], []
   offset = 0
-  for l, n in enumerate(level_sizes):
+  for l, n in enumerate(level_counts):
     k = min(int(pre_nms_top_n), int(n))
     _, idx = jax.lax.top_k(logits[offset:offset + n], k)  # [k]
     index.append(idx + offset)

@@ -57,9 +57,9 @@ from jdet import boxes as box_lib
 from jdet import losses
 from jdet.assign.hungarian import SOLVERS, match_columns
 from jdet.detections import Detections
-from jdet.models.body import ResNetFPN, roi_features
+from jdet.models.body import body_of, frozen_body_parameters, roi_features
 from jdet.models.detector import finalize_detections, gt_labels, image_sizes
-from jdet.models.heads.sparse_rcnn_head import AUTHORS_SCALE_CLAMP, DynamicStage
+from jdet.models.heads.sparse_rcnn_head import AUTHORS_SCALE_CLAMP, STAGE_FIELDS, DynamicStage
 
 __all__ = ["SparseRCNN", "StageOutputs", "SetTargets", "matching_cost", "set_targets",
            "set_loss", "decode_detections"]
@@ -281,28 +281,19 @@ class SparseRCNN(nn.Module):
   def setup(self):
     if self.matcher not in SOLVERS:
       raise ValueError(f"matcher must be one of {SOLVERS}, got {self.matcher!r}")
-    self.body = ResNetFPN(depth=self.depth, widths=tuple(self.widths), stem_width=self.stem_width,
-                          norm=self.norm, norm_eps=self.norm_eps,
-                          frozen_stages=self.frozen_stages, fpn_channels=self.fpn_channels,
-                          num_extra=0, dtype=self.dtype)
+    self.body = body_of(self, num_extra=0)
     nn.share_scope(self, self.body)  # variables: backbone/..., neck/...
     n, d = self.num_proposals, self.fpn_channels
     self.proposal_boxes = self.param(
         "proposal_boxes", lambda key, shape: jnp.tile(jnp.asarray([0.5, 0.5, 1.0, 1.0]),
                                                       (shape[0], 1)), (n, 4))
     self.proposal_features = self.param("proposal_features", nn.initializers.normal(1.0), (n, d))
-    self.stages = [
-        DynamicStage(num_classes=self.num_classes, num_heads=self.num_heads,
-                     dim_feedforward=self.dim_feedforward, dim_dynamic=self.dim_dynamic,
-                     num_cls_fcs=self.num_cls_fcs, num_reg_fcs=self.num_reg_fcs,
-                     dropout=self.dropout, prior_prob=self.prior_prob,
-                     scale_clamp=self.scale_clamp, symmetric_clamp=self.symmetric_clamp,
-                     dtype=self.dtype, name=f"stage{t}")
-        for t in range(self.num_stages)]
+    stage = {f: getattr(self, f) for f in STAGE_FIELDS}  # the stage's fields, by name
+    self.stages = [DynamicStage(**stage, name=f"stage{t}") for t in range(self.num_stages)]
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters that never train (the frozen ResNet stages)."""
-    return ResNetFPN(frozen_stages=self.frozen_stages, parent=None).frozen_parameters()
+    return frozen_body_parameters(self.frozen_stages)
 
   # --- Body, proposals, stages -------------------------------------------------
 

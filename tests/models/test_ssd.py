@@ -378,7 +378,7 @@ def _without_conv3_3(model):
     return model.clone(conv3_3_l2norm_scale=None, aspect_ratios=model.aspect_ratios[1:],
                        min_sizes=min_sizes[1:], max_sizes=max_sizes[1:])
   return model.clone(conv3_3_l2norm_scale=None, steps=model.steps[1:],
-                     anchor_sizes=model.level_sizes[1:])
+                     anchor_sizes=model.anchor_sizes_by_level[1:])
 
 
 @pytest.mark.parametrize("config_name", ["ssd300", "refinedet320"])

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from jdet import boxes as box_lib
 
-__all__ = ["DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas", "BOX_STDS",
+__all__ = ["STAGE_FIELDS", "DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas", "BOX_STDS",
            "AUTHORS_SCALE_CLAMP", "MMDET_SCALE_CLAMP"]
 
 # Offsets are scaled by weights (2, 2, 1, 1): stds (0.5, 0.5, 1, 1).
@@ -57,6 +57,10 @@ BOX_STDS = (0.5, 0.5, 1.0, 1.0)
 # The authors clamp dw, dh from above at log(100000 / 16); MMDetection at +-log(1000 / 16).
 AUTHORS_SCALE_CLAMP = math.log(100000.0 / 16)
 MMDET_SCALE_CLAMP = math.log(1000.0 / 16)
+
+# DynamicStage's fields, which SparseRCNN passes on under the same names.
+STAGE_FIELDS = ("num_classes", "num_heads", "dim_feedforward", "dim_dynamic", "num_cls_fcs",
+                "num_reg_fcs", "dropout", "prior_prob", "scale_clamp", "symmetric_clamp", "dtype")
 
 LN_EPS = 1e-5  # torch's LayerNorm default (Flax's is 1e-6)
 xavier = nn.initializers.xavier_uniform()
