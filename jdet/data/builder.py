@@ -248,13 +248,17 @@ def _rcnn(*, train: bool, max_boxes: int, scales: Sequence[Sequence[int]],
           test_scale: Sequence[int], canvas: Sequence[int] | None = None,
           buckets: Sequence[Sequence[int]] | None = None, mode: str = "value",
           flip_prob: float = 0.5, mean: Sequence[float] = T.IMAGENET_MEAN,
-          std: Sequence[float] = T.IMAGENET_STD):
+          std: Sequence[float] = T.IMAGENET_STD, crop: bool = False,
+          crop_scales: Sequence[Sequence[int]] = T.CROP_SCALES,
+          crop_size: Sequence[int] = T.CROP_SIZE, crop_prob: float = 0.5):
   if canvas is None and buckets is None:
     raise ValueError("give canvas, buckets, or canvas and buckets (buckets in training, "
                      "canvas in evaluation)")
   if train:
     return T.rcnn_train_transforms(scales, mode=mode, canvas=canvas, buckets=buckets,
-                                   max_boxes=max_boxes, mean=mean, std=std, flip_prob=flip_prob)
+                                   max_boxes=max_boxes, mean=mean, std=std, flip_prob=flip_prob,
+                                   crop=bool(crop), crop_scales=crop_scales, crop_size=crop_size,
+                                   crop_prob=float(crop_prob))
   # Evaluation batches images in order, so with both given it pads to the one canvas.
   return T.rcnn_eval_transforms(test_scale, canvas=canvas,
                                 buckets=buckets if canvas is None else None,
@@ -280,7 +284,9 @@ def build_transforms(data_config: Any, *, train: bool) -> T.Compose:
     data_config: the config's ``data`` section. ``transforms.recipe`` picks the
       recipe (:data:`RECIPES`): ``"ssd"`` (``size``, ``channel_swap``, ``mean``,
       ``std``) or ``"rcnn"`` (``scales``, ``mode``, ``test_scale``, ``canvas``
-      and/or ``buckets``, ``flip_prob``, ``mean``, ``std``); ``max_boxes`` is M.
+      and/or ``buckets``, ``flip_prob``, ``mean``, ``std``, and for Sparse
+      R-CNN's crop branch ``crop``, ``crop_scales``, ``crop_size``,
+      ``crop_prob``: ``jdet.data.transforms.rcnn_resize``); ``max_boxes`` is M.
       With both ``canvas`` and ``buckets``, training pads to the buckets (use
       ``data.group_by_aspect`` so that a batch holds one of them) and
       evaluation, which batches images in order, to the canvas.

@@ -40,6 +40,8 @@ The package, by topic (everything is imported from here):
 * :mod:`~jdet.data.transforms.boxes`: the NumPy box maths transforms need
   (flip, resize, translate, clip, IoU), with :mod:`jdet.boxes`'s conventions.
 * :mod:`~jdet.data.transforms.geometry`: flips, resizes, crops, zoom out, padding.
+* :mod:`~jdet.data.transforms.choice`: :class:`RandomChoice`, one of several
+  chains per sample.
 * :mod:`~jdet.data.transforms.photometric`: colour distortion, normalisation.
 * :mod:`~jdet.data.transforms.recipes`: the SSD / RefineDet and the Faster /
   Sparse R-CNN chains (:func:`ssd_train_transforms` & co.).
@@ -56,15 +58,17 @@ evaluation), which equals ``image_size / orig_size`` up to float rounding.
 
 from jdet.data.transforms.boxes import (box_iou, clip_boxes, hflip_boxes, resize_boxes,
                                         translate_boxes)
+from jdet.data.transforms.choice import RandomChoice
 from jdet.data.transforms.core import (BOX_KEYS, DEFAULT_MIN_SIZE, Compose, PadBoxes, Sample,
                                        Transform, clean_boxes, drop_boxes, pad_boxes,
                                        sample_from_example)
 from jdet.data.transforms.geometry import (Expand, KeepRatioResize, MinIoURandomCrop, Pad,
-                                           RandomHFlip, Resize, choose_bucket, crop, expand,
-                                           hflip, pad, rescale_size, resize)
+                                           RandomHFlip, RandomSizeCrop, Resize, choose_bucket,
+                                           crop, expand, hflip, pad, rescale_size, resize)
 from jdet.data.transforms.photometric import (IMAGENET_MEAN, IMAGENET_STD, Normalize,
                                               PhotometricDistort, ToFloat)
-from jdet.data.transforms.recipes import (rcnn_eval_transforms, rcnn_train_transforms,
+from jdet.data.transforms.recipes import (CROP_SCALES, CROP_SIZE, rcnn_eval_transforms,
+                                          rcnn_resize, rcnn_train_transforms,
                                           ssd_eval_transforms, ssd_train_transforms)
 
 __all__ = [
@@ -77,9 +81,10 @@ __all__ = [
     "Sample", "sample_from_example", "drop_boxes", "clean_boxes", "hflip", "resize", "crop",
     "expand", "pad", "pad_boxes",
     # Transforms.
-    "Transform", "Compose", "ToFloat", "PhotometricDistort", "Expand", "MinIoURandomCrop",
-    "RandomHFlip", "Resize", "KeepRatioResize", "Normalize", "Pad", "PadBoxes",
+    "Transform", "Compose", "RandomChoice", "ToFloat", "PhotometricDistort", "Expand",
+    "MinIoURandomCrop", "RandomSizeCrop", "RandomHFlip", "Resize", "KeepRatioResize",
+    "Normalize", "Pad", "PadBoxes",
     # Recipes.
     "ssd_train_transforms", "ssd_eval_transforms", "rcnn_train_transforms",
-    "rcnn_eval_transforms",
+    "rcnn_eval_transforms", "rcnn_resize", "CROP_SCALES", "CROP_SIZE",
 ]

@@ -23,7 +23,8 @@ from jdet.data.transforms.core import (DEFAULT_MIN_SIZE, Repr, Sample, clean_box
 from jdet.data.transforms.photometric import IMAGENET_MEAN
 
 __all__ = ["rescale_size", "choose_bucket", "hflip", "resize", "crop", "expand", "pad",
-           "Expand", "MinIoURandomCrop", "RandomHFlip", "Resize", "KeepRatioResize", "Pad"]
+           "Expand", "MinIoURandomCrop", "RandomSizeCrop", "RandomHFlip", "Resize",
+           "KeepRatioResize", "Pad"]
 
 
 # ----------------------------------------------------------------------------
@@ -249,6 +250,49 @@ class MinIoURandomCrop(Repr):
     if rect is None:
       return sample
     return crop(sample, rect, center_only=True, min_size=self.min_size)
+
+
+class RandomSizeCrop(Repr):
+  """A crop of random size at a random place, boxes clipped to it (DETR's ``RandomSizeCrop``).
+
+  MMDetection's ``RandomCrop(crop_type="absolute_range", crop_size=(lo, hi),
+  allow_negative_crop=True)``, the crop of Sparse R-CNN's 300-proposal recipe
+  (``crop_size=(384, 600)``). For an image of ``(h, w)``, four integers are
+  drawn uniformly, in this order:
+
+  * ``crop_h`` in ``[min(h, lo), min(h, hi)]``, ``crop_w`` in ``[min(w, lo), min(w, hi)]``
+    (a side shorter than ``lo`` is kept whole);
+  * ``top`` in ``[0, h - crop_h]``, ``left`` in ``[0, w - crop_w]``.
+
+  The image becomes ``image[top:top + crop_h, left:left + crop_w]``. Every box
+  is shifted by ``(-left, -top)`` and clipped to the crop (no centre rule);
+  the boxes then narrower or shorter than ``min_size`` pixels (at ``0``: those
+  left with no area, MMDetection's rule) are removed with their labels, crowd
+  and difficult flags and counted in ``dropped_boxes``. A crop may remove
+  every box: the sample is kept, with no boxes. ``scale_factor`` does not
+  change; ``image_size`` becomes ``(crop_h, crop_w)``.
+  """
+
+  def __init__(self, crop_size: Sequence[int] = (384, 600), min_size: float = DEFAULT_MIN_SIZE):
+    lo, hi = (int(v) for v in crop_size)
+    if not 0 < lo <= hi:
+      raise ValueError(f"crop_size must be (lo, hi) with 0 < lo <= hi, not {tuple(crop_size)}")
+    self.crop_size = (lo, hi)
+    self.min_size = min_size
+
+  def sample_rect(self, rng: np.random.Generator, size: Sequence[int]) -> tuple[int, int, int, int]:
+    """The integer ``(x1, y1, x2, y2)`` crop of an image of ``size = (h, w)``."""
+    h, w = int(size[0]), int(size[1])
+    lo, hi = self.crop_size
+    crop_h = int(rng.integers(min(h, lo), min(h, hi) + 1))
+    crop_w = int(rng.integers(min(w, lo), min(w, hi) + 1))
+    top = int(rng.integers(0, h - crop_h + 1))
+    left = int(rng.integers(0, w - crop_w + 1))
+    return left, top, left + crop_w, top + crop_h
+
+  def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    rect = self.sample_rect(rng, image_hw(sample["image"]))
+    return crop(sample, rect, center_only=False, min_size=self.min_size)
 
 
 class RandomHFlip(Repr):
