@@ -4,10 +4,11 @@
   R-CNN (smoke config padded to two size buckets: one exported function per
   bucket): the exported file, loaded in a fresh process that imports
   ``jdet/exported.py`` by its path (never the ``jdet`` package, never Flax),
-  gives on portrait, landscape, greyscale and larger images exactly the
-  :class:`~jdet.inference.Predictor`'s detections (same boxes, scores,
-  classes and names, in the same order). Same batch size on both sides, so
-  XLA runs the same program shapes.
+  gives on portrait, landscape, greyscale, larger and tiny images, and on
+  8-bit greyscale and 16-bit PNG files, the
+  :class:`~jdet.inference.Predictor`'s detections: the same classes and names
+  in the same order, boxes within 1e-4 pixels, scores within 1e-6 (the same
+  batch size on both sides, so XLA runs programs of the same shapes).
 * ``python -m jdet.export --weights`` writes a file that gives the same
   detections as the in-process export of the same weights.
 * The loader's own imports (read from its syntax tree) are NumPy, JAX, OpenCV,
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import common, faster_rcnn_r50_fpn, refinedet320, sparse_rcnn, ssd300
 from jdet import convert, parallel
@@ -98,9 +100,9 @@ spec = importlib.util.spec_from_file_location("standalone_exported", sys.argv[1]
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 images = np.load(sys.argv[2])
-images = [images[f"i{k}"] for k in range(len(images.files))]
+images = [images[f"i{k}"] for k in range(len(images.files))] + json.loads(sys.argv[4])
 out, info = {}, {}
-for name, path in zip(sys.argv[4::2], sys.argv[5::2]):
+for name, path in zip(sys.argv[5::2], sys.argv[6::2]):
   detector = module.ExportedDetector.load(path)
   detector.score_threshold = 0.0
   results = detector(images)
@@ -121,8 +123,14 @@ def exported(tmp_path_factory):
   """Every model exported in this process and run by the loader in a fresh one."""
   folder = tmp_path_factory.mktemp("export")
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-  images = _images()
-  np.savez(folder / "images.npz", **{f"i{k}": a for k, a in enumerate(images)})
+  arrays = _images()
+  np.savez(folder / "images.npz", **{f"i{k}": a for k, a in enumerate(arrays)})
+  # Files too: an 8-bit greyscale PNG and a 16-bit one (scaled to 8 bits on reading).
+  Image.fromarray(arrays[2]).save(folder / "grey.png")
+  deep = np.random.default_rng(3).integers(0, 65536, (60, 90), np.uint16)
+  Image.fromarray(deep).save(folder / "deep.png")
+  paths = [str(folder / "grey.png"), str(folder / "deep.png")]
+  images = arrays + paths
   # The command-line export of SSD's weights, running while this process works.
   ssd_config = _config("ssd")
   ssd_model = build_model("ssd", **ssd_config.model)
@@ -149,7 +157,7 @@ def exported(tmp_path_factory):
   assert "cli.jdet" in stdout
   files += ["cli", str(folder / "cli.jdet")]
   proc = subprocess.run([sys.executable, "-c", _RUN, str(LOADER), str(folder / "images.npz"),
-                         str(folder / "got.npz"), *files],
+                         str(folder / "got.npz"), json.dumps(paths), *files],
                         cwd=folder, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   info = json.loads(proc.stdout.strip().splitlines()[-1])
