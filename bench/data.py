@@ -60,7 +60,8 @@ from pathlib import Path
 import ml_collections
 import torch
 
-from harness import ROOT, Case, HostStep, machine_info, write_results  # bench/harness.py
+from harness import (ROOT, Case, HostStep, machine_info, parse_ints, text_table,
+                     write_results)  # bench/harness.py
 from jdet.data import builder, pipeline
 
 # The raccoon photos, in the place the tests look for them (next to the repository).
@@ -76,10 +77,6 @@ PIPELINES = ("ssd300", "faster_rcnn", "shapes")
 # (estimated on a machine busy with other work; adjust with --batches).
 DEFAULT_BATCHES = {"ssd300": 10, "faster_rcnn": 100, "shapes": 200}
 SMALL_BATCHES = 2
-
-
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _check_transforms(name: str, ours: ml_collections.ConfigDict,
@@ -194,19 +191,11 @@ def suite(profile: str, dtype: str, device) -> list[Case]:
   return cases
 
 
-def _table(rows: list[dict]) -> str:
-  lines = [f"{'pipeline':<12} {'workers':>7} {'batch':>5}  {'img/s':>8}  {'first batch s':>13}"]
-  for r in rows:
-    lines.append(f"{r['pipeline']:<12} {r['workers']:>7} {r['batch']:>5}  {r['img_s']:8.1f}  "
-                 f"{r['first_batch_s']:13.2f}")
-  return "\n".join(lines)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--pipelines", default=",".join(PIPELINES),
                       help=f"comma separated, of {', '.join(PIPELINES)}")
-  parser.add_argument("--workers", type=_ints, default=[0, 2],
+  parser.add_argument("--workers", type=parse_ints, default=[0, 2],
                       help="grain worker process counts, comma separated")
   parser.add_argument("--ssd-batch", type=int, default=32)
   parser.add_argument("--rcnn-batch", type=int, default=2)
@@ -256,7 +245,9 @@ def main() -> None:
             f"({batches} batches in {row['seconds']:.1f} s; first batch after "
             f"{row['first_batch_s']:.1f} s)", flush=True)
 
-  table = _table(rows)
+  table = text_table(rows, [
+      ("pipeline", "pipeline", ""), ("workers", "workers", ""), ("batch", "batch", ""),
+      ("img/s", "img_s", ".1f"), ("first batch s", "first_batch_s", ".2f")])
   print(table)
   settings = dict(warmup_per_worker=warmup, small=args.small,
                   load_average_at_start=load,

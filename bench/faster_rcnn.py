@@ -36,9 +36,7 @@ torchvision speed: above 1 means jdet is faster) written with the machine to
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +49,7 @@ from jdet.convert.faster_rcnn import fasterrcnn_resnet50_fpn_params
 from jdet.models.faster_rcnn import FasterRCNN
 from jdet.testing import random_boxes
 from harness import (Case, TorchStep, _jax_sync, jdet_predict_step, jdet_train_step, machine_info,
-                     write_results)  # bench/harness.py
+                     parse_args, parse_hw, report, side_by_side_parser)  # bench/harness.py
 from ssd import _time, torch_infer, torch_infer_fn, torch_train, torch_train_fn  # bench/ssd.py
 
 TV_CLASSES = 91
@@ -59,11 +57,6 @@ BOXES_PER_IMAGE = 3
 LR, MOMENTUM, WEIGHT_DECAY = 1e-5, 0.9, 1e-4
 MEAN = np.float32([0.485, 0.456, 0.406])
 STD = np.float32([0.229, 0.224, 0.225])
-
-
-def _size(text: str) -> tuple[int, int]:
-  h, w = (int(x) for x in text.split(","))
-  return h, w
 
 
 def make_inputs(batch: int, size: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -196,19 +189,11 @@ def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="torch's device (JAX uses its default backend)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--size", type=_size, default=(384, 640), help="H,W of the images")
+  parser = side_by_side_parser(__doc__)
+  parser.add_argument("--size", type=parse_hw, default=(384, 640), help="H,W of the images")
   parser.add_argument("--train-batch", type=int, default=1)
   parser.add_argument("--infer-batch", type=int, default=1)
-  parser.add_argument("--iters", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-  args = parser.parse_args()
-  if args.warmup < 1:
-    parser.error("--warmup must be at least 1 (jdet's first call compiles)")
+  args = parse_args(parser)
 
   device = torch.device(args.device)
   machine = machine_info(device)
@@ -235,15 +220,10 @@ def main() -> None:
     print(f"{case} batch {b}: jdet {row['jdet_ms']:.0f} ms, torchvision {row['torchvision_ms']:.0f} ms",
           flush=True)
 
-  lines = [f"{'case':<10} {'batch':>5}  {'jdet ms':>9}  {'torchvision ms':>14}  "
-           f"{'jdet img/s':>10}  {'tv img/s':>8}  {'jdet/tv speed':>13}"]
-  for r in rows:
-    lines.append(f"{r['case']:<10} {r['batch']:>5}  {r['jdet_ms']:9.0f}  {r['torchvision_ms']:14.0f}  "
-                 f"{r['jdet_img_s']:10.2f}  {r['torchvision_img_s']:8.2f}  {r['ratio']:13.2f}")
-  table = "\n".join(lines)
-  print(table)
-  stem = f"faster_rcnn_{args.device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
-  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
+  report(args, "faster_rcnn", machine=machine, settings=settings, rows=rows, columns=[
+      ("case", "case", ""), ("batch", "batch", ""), ("jdet ms", "jdet_ms", ".0f"),
+      ("torchvision ms", "torchvision_ms", ".0f"), ("jdet img/s", "jdet_img_s", ".2f"),
+      ("tv img/s", "torchvision_img_s", ".2f"), ("jdet/tv speed", "ratio", ".2f")])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ float32 peak from its core count, clock and FMA width (:func:`cpu_peak_flops`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -393,6 +394,64 @@ def machine_info(torch_device) -> dict:
       "jax": jax.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
   }
   return info
+
+
+def parse_ints(text: str) -> list[int]:
+  """``"1,8"`` -> ``[1, 8]`` (an argparse ``type``)."""
+  return [int(x) for x in text.split(",") if x]
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+  """``"384,640"`` -> ``(384, 640)``, H then W (an argparse ``type``)."""
+  h, w = parse_ints(text)
+  return h, w
+
+
+def side_by_side_parser(doc: str, *, iters: int = 3, warmup: int = 1) -> argparse.ArgumentParser:
+  """The flags every jdet-against-a-reference program takes: ``--device`` (torch's),
+  ``--dtype``, ``--iters``, ``--warmup`` and ``--out``; add the program's own to it."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="torch's device (JAX uses its default backend)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--iters", type=int, default=iters, help="timed calls per case (median)")
+  parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first (>= 1)")
+  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                      help="folder for the <program>_<device>[_bfloat16].json and .txt results")
+  return parser
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+  """``parser.parse_args()``, refusing ``--warmup 0`` (jdet's first call compiles)."""
+  args = parser.parse_args()
+  if getattr(args, "warmup", 1) < 1:
+    parser.error("--warmup must be at least 1 (jdet's first call compiles)")
+  return args
+
+
+def text_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+  """A plain-text table: ``columns`` are ``(header, key, format spec)``; the first
+  column is left-aligned, the others right-aligned; a missing value is blank."""
+  cells = [[header for header, _, _ in columns]]
+  for r in rows:
+    cells.append(["" if r.get(key) is None else format(r[key], spec)
+                  for _, key, spec in columns])
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                   for row in cells)
+
+
+def report(args: argparse.Namespace, program: str, *, machine: dict, settings: dict,
+           rows: list[dict], columns: list[tuple[str, str, str]],
+           device: str | None = None) -> None:
+  """Prints the rows as a :func:`text_table` and writes them with :func:`write_results`
+  as ``<program>_<device>[_bfloat16]`` under ``args.out`` (device: ``args.device``)."""
+  table = text_table(rows, columns)
+  print(table)
+  device = device or args.device
+  stem = f"{program}_{device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
+  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
 
 
 def write_results(folder, stem: str, *, machine: dict, settings: dict, rows: list[dict],

@@ -28,10 +28,8 @@ of each model's speed relative to the SSD of the same resolution class
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +38,10 @@ import torch
 
 from jdet.models import build_model
 from jdet.testing import random_boxes
-from harness import (Case, jdet_predict_step, jdet_train_step, machine_info, random_variables,
-                     write_results)  # bench/harness.py (it puts the repository root on sys.path)
-from ssd import _batches, jdet_infer, jdet_train  # bench/ssd.py
+from harness import (Case, jdet_predict_step, jdet_train_step, machine_info, parse_args,
+                     parse_ints, random_variables, report,
+                     side_by_side_parser)  # bench/harness.py (it puts the repository root on sys.path)
+from ssd import jdet_infer, jdet_train  # bench/ssd.py
 
 BOXES_PER_IMAGE = 3
 # Each RefineDet row is compared with the SSD of the same resolution class.
@@ -126,27 +125,13 @@ def suite(profile: str, dtype: str, device) -> list[Case]:
   return cases
 
 
-def _table(rows: list[dict]) -> str:
-  lines = [f"{'model':<14} {'case':<10} {'batch':>5}  {'img/s':>8}  {'vs SSD':>7}"]
-  for r in rows:
-    ratio = f"{r['vs_ssd']:7.2f}" if r.get("vs_ssd") is not None else f"{'':>7}"
-    lines.append(f"{r['model']:<14} {r['case']:<10} {r['batch']:>5}  {r['img_s']:8.2f}  {ratio}")
-  return "\n".join(lines)
-
-
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = side_by_side_parser(__doc__, iters=5, warmup=2)  # --device is not used: jdet only
   parser.add_argument("--models", default="ssd300,refinedet320,ssd512,refinedet512",
                       help="config names under configs/, comma separated")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--iters", type=int, default=5, help="timed calls per case (median)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1)")
-  parser.add_argument("--train-batches", type=_batches, default=[8])
-  parser.add_argument("--infer-batches", type=_batches, default=[1, 8])
-  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-  args = parser.parse_args()
-  if args.warmup < 1:
-    parser.error("--warmup must be at least 1 (the first call compiles)")
+  parser.add_argument("--train-batches", type=parse_ints, default=[8])
+  parser.add_argument("--infer-batches", type=parse_ints, default=[1, 8])
+  args = parse_args(parser)
 
   backend = jax.default_backend()
   machine = machine_info(torch.device("cuda" if backend == "gpu" else "cpu"))
@@ -168,11 +153,10 @@ def main() -> None:
       rows.append(row)
       print(f"{name} {case} batch {b}: {row['img_s']:.2f} img/s", flush=True)
 
-  table = _table(rows)
-  print(table)
-  stem = f"refinedet_{backend}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
   settings = dict(dtype=args.dtype, boxes_per_image=BOXES_PER_IMAGE, **timing)
-  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
+  report(args, "refinedet", machine=machine, settings=settings, rows=rows, device=backend,
+         columns=[("model", "model", ""), ("case", "case", ""), ("batch", "batch", ""),
+                  ("img/s", "img_s", ".2f"), ("vs SSD", "vs_ssd", ".2f")])
 
 
 if __name__ == "__main__":

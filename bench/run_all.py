@@ -265,6 +265,11 @@ def _mib(x) -> str:
   return "" if not x else f"{x / 2**20:,.0f}"
 
 
+def _md_row(cells, empty: int = 0) -> str:
+  """A Markdown table row of ``cells`` and ``empty`` blank cells after them."""
+  return "| " + " | ".join(str(c) for c in cells) + " |" + " |" * empty
+
+
 def markdown(result: dict) -> str:
   """The results as Markdown tables (the README's section is made of these)."""
   m, s = result["machine"], result["settings"]
@@ -282,54 +287,47 @@ def markdown(result: dict) -> str:
            + (f". {s['note']}" if s.get("note") else "")
            + (f". This run measured {', '.join(s['programs'])} only; the other rows come from the "
               f"run of {s['kept_rows_from']}" if s.get("kept_rows_from") else "") + "."]
-  models = [r for r in result["rows"] if r["kind"] == "model"]
-  if models:
-    lines += ["", "| model | case | batch | input | jdet img/s | peer | peer img/s | jdet / peer "
-              "| jdet MFU | peer MFU | GFLOP/step | jdet compile s | timed calls | jdet MiB | peer MiB |",
-              "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in models:
-      f = r.get("figures", {})
+  mfu = lambda x: "" if x is None else f"{100 * x:.1f} %"  # noqa: E731
+
+  def model_row(r, f):
+    j, p = r["jdet"], r.get("peer_timing") or {}
+    jmem = j.get("peak_memory_bytes") or j.get("memory_bytes")
+    return [r["group"], r["case"], r["batch"], r["input_size"], _num(f.get("jdet_img_s")),
+            f"{r['peer'] or ''}{' (reused)' if r.get('peer_reused') else ''}",
+            _num(f.get("peer_img_s")), _num(f.get("ratio")), mfu(f.get("jdet_mfu")),
+            mfu(f.get("peer_mfu")), _num(f.get("gflop_per_step"), ".1f"),
+            _num(j.get("compile_s"), ".1f"), r["iters"], _mib(jmem),
+            _mib(p.get("peak_memory_bytes"))]
+
+  sections = [  # (kind, columns with ":" for right-aligned, cells, cells of a failed row)
+      ("model", ["model", "case", "batch:", "input", "jdet img/s:", "peer", "peer img/s:",
+                 "jdet / peer:", "jdet MFU:", "peer MFU:", "GFLOP/step:", "jdet compile s:",
+                 "timed calls:", "jdet MiB:", "peer MiB:"], model_row,
+       lambda r, why: [r["group"], r["case"], r["batch"], r["input_size"], why, r["peer"] or ""]),
+      ("op", ["operator", "jdet ms:", "reference", "reference ms:", "reference / jdet:",
+              "jdet compile s:", "timed calls:"],
+       lambda r, f: [r["case"], _num(f.get("jdet_ms")), r["peer"], _num(f.get("peer_ms")),
+                     _num(f.get("ratio")), _num(r["jdet"].get("compile_s"), ".1f"), r["iters"]],
+       lambda r, why: [r["case"], why, r["peer"]]),
+      ("data", ["input pipeline", "batch:", "output", "img/s:", "start-up s:",
+                "timed calls (images each):"],
+       lambda r, f: [r["case"], r["batch"], r["input_size"], _num(f.get("jdet_img_s"), ".1f"),
+                     _num(r["jdet"].get("compile_s"), ".2f"),
+                     f"{r['iters']} ({r.get('images_per_call') or r['batch']})"],
+       lambda r, why: [r["case"], r["batch"], r["input_size"], why]),
+  ]
+  for kind, columns, cells, failed_cells in sections:
+    rows = [r for r in result["rows"] if r["kind"] == kind]
+    if not rows:
+      continue
+    lines += ["", _md_row([c.rstrip(":") for c in columns]),
+              "|" + "|".join("---:" if c.endswith(":") else "---" for c in columns) + "|"]
+    for r in rows:
       if "error" in r or "skipped" in r:
-        why = r.get("skipped") or f"error: {r['error']}"
-        lines.append(f"| {r['group']} | {r['case']} | {r['batch']} | {r['input_size']} | "
-                     f"{why} | {r['peer'] or ''} | | | | | | | | | |")
-        continue
-      j, p = r["jdet"], r.get("peer_timing") or {}
-      mfu = lambda x: "" if x is None else f"{100 * x:.1f} %"
-      jmem = j.get("peak_memory_bytes") or j.get("memory_bytes")
-      lines.append(
-          f"| {r['group']} | {r['case']} | {r['batch']} | {r['input_size']} | "
-          f"{_num(f.get('jdet_img_s'))} | {r['peer'] or ''}{' (reused)' if r.get('peer_reused') else ''} | "
-          f"{_num(f.get('peer_img_s'))} | {_num(f.get('ratio'))} | {mfu(f.get('jdet_mfu'))} | "
-          f"{mfu(f.get('peer_mfu'))} | {_num(f.get('gflop_per_step'), '.1f')} | "
-          f"{_num(j.get('compile_s'), '.1f')} | {r['iters']} | {_mib(jmem)} | "
-          f"{_mib(p.get('peak_memory_bytes'))} |")
-  ops = [r for r in result["rows"] if r["kind"] == "op"]
-  if ops:
-    lines += ["", "| operator | jdet ms | reference | reference ms | reference / jdet | "
-              "jdet compile s | timed calls |", "|---|---:|---|---:|---:|---:|---:|"]
-    for r in ops:
-      f = r.get("figures", {})
-      if "error" in r or "skipped" in r:
-        lines.append(f"| {r['case']} | {r.get('skipped') or 'error: ' + r['error']} | "
-                     f"{r['peer']} | | | | |")
-        continue
-      lines.append(f"| {r['case']} | {_num(f.get('jdet_ms'))} | {r['peer']} | "
-                   f"{_num(f.get('peer_ms'))} | {_num(f.get('ratio'))} | "
-                   f"{_num(r['jdet'].get('compile_s'), '.1f')} | {r['iters']} |")
-  data = [r for r in result["rows"] if r["kind"] == "data"]
-  if data:
-    lines += ["", "| input pipeline | batch | output | img/s | start-up s | timed calls (images each) |",
-              "|---|---:|---|---:|---:|---:|"]
-    for r in data:
-      f = r.get("figures", {})
-      if "error" in r or "skipped" in r:
-        lines.append(f"| {r['case']} | {r['batch']} | {r['input_size']} | "
-                     f"{r.get('skipped') or 'error: ' + r['error']} | | |")
-        continue
-      lines.append(f"| {r['case']} | {r['batch']} | {r['input_size']} | "
-                   f"{_num(f.get('jdet_img_s'), '.1f')} | {_num(r['jdet'].get('compile_s'), '.2f')} "
-                   f"| {r['iters']} ({r.get('images_per_call') or r['batch']}) |")
+        row = failed_cells(r, r.get("skipped") or f"error: {r['error']}")
+        lines.append(_md_row(row, len(columns) - len(row)))
+      else:
+        lines.append(_md_row(cells(r, r.get("figures", {}))))
   return "\n".join(lines) + "\n"
 
 

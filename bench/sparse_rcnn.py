@@ -44,17 +44,16 @@ with the machine to ``bench/results/sparse_rcnn_<device>[_bfloat16].json`` and
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from harness import (Case, TorchStep, Timing, jdet_predict_step, jdet_train_step, machine_info,
-                     time_step, write_results)  # bench/harness.py (puts the repository root on sys.path)
+from harness import (Case, TorchStep, jdet_predict_step, jdet_train_step, machine_info, parse_args,
+                     parse_hw, parse_ints, report, side_by_side_parser,
+                     time_step)  # bench/harness.py (puts the repository root on sys.path)
 from jdet.convert.mmdet_sparse_rcnn import sparse_rcnn_variables
 from jdet.models import build_model
 from jdet.testing import random_boxes
@@ -63,15 +62,6 @@ NUM_CLASSES = 80
 NUM_PROPOSALS = 100
 BOXES_PER_IMAGE = 3
 LR, WEIGHT_DECAY, CLIP_NORM = 2.5e-5, 1e-4, 1.0
-
-
-def _size(text: str) -> tuple[int, int]:
-  h, w = (int(x) for x in text.split(","))
-  return h, w
-
-
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _oracle():
@@ -233,19 +223,11 @@ def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="torch's device (JAX uses its default backend)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--size", type=_size, default=(256, 384), help="H,W of the images")
+  parser = side_by_side_parser(__doc__)
+  parser.add_argument("--size", type=parse_hw, default=(256, 384), help="H,W of the images")
   parser.add_argument("--train-batch", type=int, default=1)
-  parser.add_argument("--infer-batches", type=_ints, default=[1, 8])
-  parser.add_argument("--iters", type=int, default=3, help="timed calls per case (median)")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
-  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-  args = parser.parse_args()
-  if args.warmup < 1:
-    parser.error("--warmup must be at least 1 (jdet's first call compiles)")
+  parser.add_argument("--infer-batches", type=parse_ints, default=[1, 8])
+  args = parse_args(parser)
 
   device = torch.device(args.device)
   machine = machine_info(device)
@@ -278,15 +260,10 @@ def main() -> None:
     print(f"{case} batch {b}: jdet {row['jdet_ms']:.0f} ms (compiled in "
           f"{row['jdet_compile_s']:.1f} s), MMDetection {row['mmdet_ms']:.0f} ms", flush=True)
 
-  lines = [f"{'case':<10} {'batch':>5}  {'jdet ms':>9}  {'MMDet ms':>9}  {'jdet img/s':>10}  "
-           f"{'MMDet img/s':>11}  {'jdet/MMDet speed':>16}"]
-  for r in rows:
-    lines.append(f"{r['case']:<10} {r['batch']:>5}  {r['jdet_ms']:9.0f}  {r['mmdet_ms']:9.0f}  "
-                 f"{r['jdet_img_s']:10.2f}  {r['mmdet_img_s']:11.2f}  {r['ratio']:16.2f}")
-  table = "\n".join(lines)
-  print(table)
-  stem = f"sparse_rcnn_{args.device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
-  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
+  report(args, "sparse_rcnn", machine=machine, settings=settings, rows=rows, columns=[
+      ("case", "case", ""), ("batch", "batch", ""), ("jdet ms", "jdet_ms", ".0f"),
+      ("MMDet ms", "mmdet_ms", ".0f"), ("jdet img/s", "jdet_img_s", ".2f"),
+      ("MMDet img/s", "mmdet_img_s", ".2f"), ("jdet/MMDet speed", "ratio", ".2f")])
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ Results: a table (the last column is jdet / torchvision images per second, so
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +58,8 @@ from jdet import convert
 from jdet.models.ssd import SSD
 from jdet.testing import random_boxes
 from harness import (Case, TorchStep, _jax_sync, _median_time, _torch_sync, jdet_predict_step,
-                     jdet_train_step, machine_info, write_results)  # bench/harness.py
+                     jdet_train_step, machine_info, parse_args, parse_ints, report,
+                     side_by_side_parser)  # bench/harness.py
 
 SIZE = 300
 TV_CLASSES = 91  # COCO in torchvision: 90 categories and the background
@@ -68,10 +67,6 @@ BOXES_PER_IMAGE = 3
 LR, MOMENTUM, WEIGHT_DECAY = 1e-5, 0.9, 5e-4
 # torchvision's GeneralizedRCNNTransform for ssd300_vgg16: mean in [0, 1] units, std 1 / 255.
 TV_MEAN = np.float32([0.48235, 0.45882, 0.40784])
-
-
-def _batches(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 # ----------------------------------------------------------------------------
@@ -283,33 +278,15 @@ def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
 # ----------------------------------------------------------------------------
 
 
-def _table(rows: list[dict]) -> str:
-  lines = [f"{'case':<10} {'batch':>5}  {'jdet img/s':>10}  {'torchvision img/s':>17}  "
-           f"{'jdet/torchvision':>16}"]
-  for r in rows:
-    lines.append(f"{r['case']:<10} {r['batch']:>5}  {r['jdet_img_s']:10.2f}  "
-                 f"{r['torchvision_img_s']:17.2f}  {r['ratio']:16.2f}")
-  return "\n".join(lines)
-
-
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="torch's device (JAX uses its default backend)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--iters", type=int, default=5, help="timed calls per case (median)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1)")
-  parser.add_argument("--train-batches", type=_batches, default=[8, 32])
-  parser.add_argument("--infer-batches", type=_batches, default=[1, 8])
-  parser.add_argument("--batches", type=_batches, default=None,
+  parser = side_by_side_parser(__doc__, iters=5, warmup=2)
+  parser.add_argument("--train-batches", type=parse_ints, default=[8, 32])
+  parser.add_argument("--infer-batches", type=parse_ints, default=[1, 8])
+  parser.add_argument("--batches", type=parse_ints, default=None,
                       help="the same batch sizes for training and inference")
   parser.add_argument("--background-shift", type=float, default=8.0,
                       help="added to the random weights' background logit (0: as initialised)")
-  parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                      help="folder for ssd_<device>[_bfloat16].json and .txt")
-  args = parser.parse_args()
-  if args.warmup < 1:
-    parser.error("--warmup must be at least 1 (jdet's first call compiles)")
+  args = parse_args(parser)
   train_batches = args.batches or args.train_batches
   infer_batches = args.batches or args.infer_batches
 
@@ -338,10 +315,9 @@ def main() -> None:
     print(f"{case} batch {b}: jdet {row['jdet_img_s']:.2f} img/s, "
           f"torchvision {row['torchvision_img_s']:.2f} img/s", flush=True)
 
-  table = _table(rows)
-  print(table)
-  stem = f"ssd_{args.device}" + ("_bfloat16" if args.dtype == "bfloat16" else "")
-  write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
+  report(args, "ssd", machine=machine, settings=settings, rows=rows, columns=[
+      ("case", "case", ""), ("batch", "batch", ""), ("jdet img/s", "jdet_img_s", ".2f"),
+      ("torchvision img/s", "torchvision_img_s", ".2f"), ("jdet/torchvision", "ratio", ".2f")])
 
 
 if __name__ == "__main__":

@@ -92,6 +92,26 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
   return name, options
 
 
+def start_config(model_name: str, arg: str | None, variants: Sequence[str], get_config, *,
+                 default: str = "coco") -> tuple[ConfigDict, str, dict[str, str]]:
+  """``(config, variant, options)`` for a model config's ``get_config(arg)``.
+
+  For the ``custom`` variant the config is finished (:func:`custom_config` of
+  ``get_config``); otherwise it holds the sections every variant shares
+  (``model_name``, ``init``: no weights, ``eval``: COCO AP and 16 drawn images)
+  and the variant adds ``model``, ``data``, ``optim`` and ``train``.
+  """
+  variant, options = parse_variant(arg, variants, default=default)
+  if variant == "custom":  # your own data
+    return custom_config(get_config, options), variant, options
+  config = ConfigDict()
+  config.model_name = model_name
+  config.init = ConfigDict(dict(backbone="", weights=""))
+  # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
+  config.eval = ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  return config, variant, options
+
+
 def _source(num_classes: int | None, train: dict, val: dict) -> ConfigDict:
   return ConfigDict(dict(num_classes=num_classes, train=train, val=val))
 

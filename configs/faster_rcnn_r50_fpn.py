@@ -135,14 +135,10 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, scales, mode: str
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "coco_ms", "shapes", "smoke", "custom"),
-                                          default="coco")
-  if variant == "custom":  # your own data (configs/common.py: custom_config)
-    return common.custom_config(get_config, options)
-  config = ml_collections.ConfigDict()
-  config.model_name = "faster_rcnn"
-  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
-  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  config, variant, options = common.start_config(
+      "faster_rcnn", arg, ("coco", "coco_ms", "shapes", "smoke", "custom"), get_config)
+  if variant == "custom":
+    return config
 
   if variant == "coco":
     _coco(config, options, scales=((800, 1333),), mode="value", epochs=12, milestones=(8, 11))

@@ -67,7 +67,7 @@ from jdet.evaluation import tta
 EXTRAS = ((256, 512, 3, 2, 1),)
 # One anchor size per level (4 x stride) at strides 8, 16, 32, 64, for 320 and 512 inputs.
 ANCHOR_SIZES = (32, 64, 128, 256)
-STEPS = (8, 16, 32, 64)
+STRIDES = (8, 16, 32, 64)
 
 
 # A narrow VGG16 (the proportions of ssd300's, one extra level) and TCB.
@@ -81,43 +81,30 @@ def model(num_classes: int, *, size: int = 320) -> ml_collections.ConfigDict:
   """The RefineDet model section (the Caffe model's settings) for a ``size`` input."""
   return ml_collections.ConfigDict(dict(
       num_classes=num_classes, image_size=size, extras=EXTRAS, fc6_dilation=3,
-      l2norm_scales=(10.0, 8.0), tcb_width=256, anchor_sizes=ANCHOR_SIZES, steps=STEPS,
+      l2norm_scales=(10.0, 8.0), tcb_width=256, anchor_sizes=ANCHOR_SIZES, strides=STRIDES,
       aspect_ratios=(2,), filter_threshold=0.99, score_threshold=0.01, pre_nms_top_k=1000,
       nms_threshold=0.45, max_detections=100))
 
 
 def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.ConfigDict:
   """The config of ``arg``; ``size`` is the input of the ``coco`` and ``voc`` variants."""
-  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
-                                          default="coco")
-  if variant == "custom":  # your own data (configs/common.py: custom_config)
-    return common.custom_config(lambda a: get_config(a, size=size), options)
-  config = ml_collections.ConfigDict()
-  config.model_name = "refinedet"
-  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
-  # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
-  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  config, variant, options = common.start_config(
+      "refinedet", arg, ("coco", "voc", "shapes", "smoke", "custom"),
+      lambda a: get_config(a, size=size))
+  if variant == "custom":
+    return config
   # What eval.py --tta runs: the paper's multi-scale and flip testing (jdet.evaluation.tta).
   config.tta = tta.default_settings()
 
   if variant == "coco":
-    config.model = model(80, size=size)
-    config.data = common.data_config(
-        common.coco_data(options.get("root", "data/coco")),
-        common.ssd_augment(size, mean=ssd300.VGG_MEAN, std=ssd300.VGG_STD),
-        batch_size=32, eval_batch_size=32, num_workers=8)
-    config.optim = ssd300.optim(lr=1e-3, milestones=(280_000, 360_000))
-    config.train = ssd300.train(num_steps=400_000)
+    ssd300.paper_recipe(config, model(80, size=size),
+                        common.coco_data(options.get("root", "data/coco")),
+                        milestones=(280_000, 360_000), num_steps=400_000)
   elif variant == "voc":
-    config.model = model(20, size=size)
-    config.model.max_detections = 500  # the Caffe test net's keep_top_k (COCO AP counts 100)
-    config.data = common.data_config(
-        common.voc_data(options.get("root", "data/VOCdevkit")),
-        common.ssd_augment(size, mean=ssd300.VGG_MEAN, std=ssd300.VGG_STD),
-        batch_size=32, eval_batch_size=32, num_workers=8)
-    config.optim = ssd300.optim(lr=1e-3, milestones=(80_000, 100_000))
-    config.train = ssd300.train(num_steps=120_000)
-    config.eval.metrics = ("coco", "voc")
+    voc_model = model(20, size=size)
+    voc_model.max_detections = 500  # the Caffe test net's keep_top_k (COCO AP counts 100)
+    ssd300.paper_recipe(config, voc_model, common.voc_data(options.get("root", "data/VOCdevkit")),
+                        milestones=(80_000, 100_000), num_steps=120_000)
   elif variant == "shapes":
     # ssd300.py:shapes's data, TTA, optimiser and schedule, taken from it unchanged.
     config.model = ml_collections.ConfigDict(dict(
@@ -126,7 +113,7 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
         # anchors of 3x the stride: 12, 24, 48, 96 and 192 pixels. Every object of the
         # validation split then overlaps 3.9 anchors by IoU >= 0.5 on average, all but 0.9 %
         # at least one (strides 8 .. 64 with anchors of 2x the stride: 1.4, and 30 % none).
-        conv3_3_l2norm_scale=10.0, steps=(4, 8, 16, 32, 64), anchor_scale=3.0,
+        conv3_3_l2norm_scale=10.0, strides=(4, 8, 16, 32, 64), anchor_scale=3.0,
         score_threshold=0.01, pre_nms_top_k=1000, nms_threshold=0.45, max_detections=100))
     ssd = ssd300.get_config(arg)  # "shapes" with the same options
     config.data, config.tta, config.optim, config.train = ssd.data, ssd.tta, ssd.optim, ssd.train

@@ -138,16 +138,11 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "coco_300", "shapes", "smoke", "custom"),
-                                          default="coco")
-  if variant == "custom":  # your own data (configs/common.py: custom_config)
-    return common.custom_config(get_config, options)
+  config, variant, options = common.start_config(
+      "sparse_rcnn", arg, ("coco", "coco_300", "shapes", "smoke", "custom"), get_config)
+  if variant == "custom":
+    return config
   # Flag-like options (``r101``, ``1x``) are given without a value.
-  config = ml_collections.ConfigDict()
-  config.model_name = "sparse_rcnn"
-  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
-  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
-
   if variant in ("coco", "coco_300"):
     _coco(config, options, proposals=300 if variant == "coco_300" else 100)
   elif variant == "shapes":

@@ -55,11 +55,9 @@ import ml_collections
 
 from configs import common
 from jdet.evaluation import tta
+from jdet.models.backbones.vgg import SSD300_EXTRAS
+from jdet.models.ssd import SSD300_ASPECT_RATIOS
 
-# The paper's SSD300 head layout: ratios per level (each adds a:1 and 1:a boxes).
-ASPECT_RATIOS_300 = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
-# Extra levels (mid, out, kernel, stride, padding): conv8_2 .. conv11_2.
-EXTRAS_300 = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
 
 # Pixel normalisation of the Caffe VGG16 weights that SSD starts from (RGB mean
 # in 0..255 units, no scaling): torchvision's ssd300_vgg16 uses the same, so its
@@ -82,7 +80,7 @@ def _narrow(width: int) -> dict:
   w = width
   return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w,
               extras=((4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 2, 1, 0)),
-              aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), steps=None, norm="batch",
+              aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), strides=None, norm="batch",
               size_rule=(0.2, 0.9, 0.1))
 
 
@@ -101,8 +99,8 @@ def model(num_classes: int, *, size: int = 300, dataset: str = "coco") -> ml_col
   """The SSD300 model section for ``dataset`` ("coco" or "voc") default box sizes."""
   size_rule = {"coco": (0.15, 0.9, 0.07), "voc": (0.2, 0.9, 0.1)}[dataset]
   return ml_collections.ConfigDict(dict(
-      num_classes=num_classes, image_size=size, extras=EXTRAS_300,
-      aspect_ratios=ASPECT_RATIOS_300, steps=(8, 16, 32, 64, 100, 300), size_rule=size_rule,
+      num_classes=num_classes, image_size=size, extras=SSD300_EXTRAS,
+      aspect_ratios=SSD300_ASPECT_RATIOS, strides=(8, 16, 32, 64, 100, 300), size_rule=size_rule,
       score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
 
 
@@ -119,34 +117,37 @@ def optim(*, lr: float, milestones, warmup_steps: int = 500) -> ml_collections.C
 train = common.train
 
 
+def paper_recipe(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict,
+                 source: ml_collections.ConfigDict, *, milestones, num_steps: int) -> None:
+  """The papers' COCO and VOC training of SSD and RefineDet: ``model`` on ``source``
+  with the SSD augmentation at the model's input size, batch 32, SGD at 1e-3 with
+  steps of 0.1 at ``milestones``; VOC sources add the VOC07 mAP to the evaluation."""
+  size = model.image_size
+  config.model = model
+  config.data = common.data_config(source, common.ssd_augment(size, mean=VGG_MEAN, std=VGG_STD),
+                                   batch_size=32, eval_batch_size=32, num_workers=8)
+  config.optim = optim(lr=1e-3, milestones=milestones)
+  config.train = train(num_steps=num_steps)
+  if source.train.kind == "voc":
+    config.eval.metrics = ("coco", "voc")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
-                                          default="coco")
-  if variant == "custom":  # your own data (configs/common.py: custom_config)
-    return common.custom_config(get_config, options)
-  config = ml_collections.ConfigDict()
-  config.model_name = "ssd"
-  config.init = ml_collections.ConfigDict(dict(backbone="", weights=""))
-  # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
-  config.eval = ml_collections.ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
+  config, variant, options = common.start_config(
+      "ssd", arg, ("coco", "voc", "shapes", "smoke", "custom"), get_config)
+  if variant == "custom":
+    return config
   # What eval.py --tta runs (RefineDet's multi-scale and flip recipe; see jdet.evaluation.tta).
   config.tta = tta.default_settings()
 
   if variant == "coco":
-    config.model = model(80, dataset="coco")
-    config.data = common.data_config(common.coco_data(options.get("root", "data/coco")),
-                                     common.ssd_augment(300, mean=VGG_MEAN, std=VGG_STD),
-                                     batch_size=32, eval_batch_size=32, num_workers=8)
-    config.optim = optim(lr=1e-3, milestones=(160_000, 200_000))
-    config.train = train(num_steps=240_000)
+    paper_recipe(config, model(80, dataset="coco"),
+                 common.coco_data(options.get("root", "data/coco")),
+                 milestones=(160_000, 200_000), num_steps=240_000)
   elif variant == "voc":
-    config.model = model(20, dataset="voc")
-    config.data = common.data_config(common.voc_data(options.get("root", "data/VOCdevkit")),
-                                     common.ssd_augment(300, mean=VGG_MEAN, std=VGG_STD),
-                                     batch_size=32, eval_batch_size=32, num_workers=8)
-    config.optim = optim(lr=1e-3, milestones=(80_000, 100_000))
-    config.train = train(num_steps=120_000)
-    config.eval.metrics = ("coco", "voc")
+    paper_recipe(config, model(20, dataset="voc"),
+                 common.voc_data(options.get("root", "data/VOCdevkit")),
+                 milestones=(80_000, 100_000), num_steps=120_000)
   elif variant == "shapes":
     # Trained from scratch, so: BatchNorm in the backbone, AdamW, and fc6 without
     # dilation (its map is 8x8 here). The generator never runs out of images,

@@ -20,10 +20,9 @@ levels of default boxes (maps 64, 32, 16, 8, 4, 2, 1 with steps 8 .. 512:
 from __future__ import annotations
 
 from configs import common, ssd300
+from jdet.models.backbones.vgg import SSD512_EXTRAS
+from jdet.models.ssd import SSD512_ASPECT_RATIOS
 
-ASPECT_RATIOS_512 = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
-EXTRAS_512 = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1),
-              (128, 256, 4, 1, 1))
 SIZE_RULES_512 = {"coco": (0.1, 0.9, 0.04), "voc": (0.15, 0.9, 0.07)}
 
 
@@ -35,9 +34,9 @@ def get_config(arg: str | None = None):
   config = ssd300.get_config(arg)
   if variant in ("coco", "voc"):
     config.model.image_size = 512
-    config.model.extras = EXTRAS_512
-    config.model.aspect_ratios = ASPECT_RATIOS_512
-    config.model.steps = (8, 16, 32, 64, 128, 256, 512)
+    config.model.extras = SSD512_EXTRAS
+    config.model.aspect_ratios = SSD512_ASPECT_RATIOS
+    config.model.strides = (8, 16, 32, 64, 128, 256, 512)
     config.model.size_rule = SIZE_RULES_512[variant]
     config.data.transforms.size = 512
   return config

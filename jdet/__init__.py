@@ -8,6 +8,10 @@ Public entry points::
   jdet.ops.nms / batched_nms / soft_nms  # padded NMS
   jdet.ops.roi_align / multilevel_roi_align
   jdet.assign.linear_sum_assignment      # Hungarian matching under jit
+  jdet.Predictor.from_workdir(config, workdir)   # a trained detector on your own images
+
+``jdet.Predictor`` (:mod:`jdet.inference`) is imported on first use, so that
+``import jdet`` does not load the data pipeline.
 """
 
 from jdet import assign, boxes, losses, ops
@@ -16,4 +20,12 @@ from jdet.models import MODELS, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["assign", "boxes", "losses", "ops", "Detections", "MODELS", "build_model", "__version__"]
+__all__ = ["assign", "boxes", "losses", "ops", "Detections", "MODELS", "build_model", "Predictor",
+           "__version__"]
+
+
+def __getattr__(name: str):
+  if name == "Predictor":
+    from jdet.inference import Predictor
+    return Predictor
+  raise AttributeError(f"module 'jdet' has no attribute {name!r}")

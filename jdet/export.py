@@ -31,7 +31,6 @@ augmentation (``tta=True``) or another ``predict_fn`` is refused.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -100,12 +99,6 @@ def _canvases(spec: dict) -> list[tuple[int, int]]:
   return [tuple(b) for b in pad["buckets"]]
 
 
-def _own_predict(predictor) -> bool:
-  from jdet import inference
-  fn = predictor._predict
-  return isinstance(fn, functools.partial) and fn.func is inference._model_predict
-
-
 def _names(variables) -> tuple[list[str], list[np.ndarray], object]:
   """``(names, host arrays, treedef)`` of the variables, in tree order."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
@@ -136,7 +129,7 @@ def export_predictor(predictor, path: str | os.PathLike, *, batch_size: int = 1,
       transform that cannot be described (see :func:`preprocess_spec`).
   """
   from jax import export as jax_export
-  if not _own_predict(predictor):
+  if not predictor.runs_model_predict:
     raise ValueError("only a predictor running the model's own predict can be exported "
                      "(not one with tta=True or another predict_fn)")
   batch_size = int(batch_size)

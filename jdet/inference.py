@@ -42,7 +42,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +201,9 @@ class Predictor:
                        f"devices")
     self.score_threshold = float(score_threshold)
     self.transform = builder.build_transforms(data_config, train=False)
+    # The detections are the model's own ``predict`` (no TTA, no custom
+    # ``predict_fn``): what jdet.export can lower.
+    self.runs_model_predict = predict_fn is None
     if predict_fn is None:  # shared by equal models (Linen modules compare by their fields)
       predict_fn = functools.partial(_model_predict, model)
     self._predict = predict_fn

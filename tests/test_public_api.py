@@ -17,6 +17,18 @@ def test_promised_names_exist():
     assert callable(fn)
 
 
+def test_predictor_is_public_and_loaded_on_first_use():
+  import subprocess
+  import sys
+  code = ("import sys, jdet; assert 'jdet.inference' not in sys.modules; "
+          "from jdet.inference import Predictor; assert jdet.Predictor is Predictor; "
+          "print('ok')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+  with pytest.raises(AttributeError, match="no attribute 'Predictr'"):
+    jdet.Predictr  # noqa: B018
+
+
 def test_public_nms_matches_torchvision(rng):
   b = random_boxes(rng, 200)
   s = rng.permutation(200).astype(np.float32)

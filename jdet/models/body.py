@@ -17,6 +17,7 @@ C channels.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -27,22 +28,22 @@ from jdet.models.backbones.resnet import ResNet
 from jdet.models.necks.fpn import FPN
 from jdet.ops.roi_align import multilevel_roi_align
 
-__all__ = ["ResNetFPN", "roi_features", "body_of", "frozen_body_parameters", "BODY_FIELDS"]
-
-# The fields a detector shares with its ResNetFPN body, under the same names.
-BODY_FIELDS = ("depth", "widths", "stem_width", "norm", "norm_eps", "frozen_stages",
-               "fpn_channels", "dtype")
+__all__ = ["BodyFields", "ResNetFPN", "roi_features", "body_of", "frozen_body_parameters",
+           "BODY_FIELDS"]
 
 
-class ResNetFPN(nn.Module):
-  """ResNet + FPN: ``image [B, H, W, 3]`` -> ``[P2, ..., P(5 + num_extra)]``.
+class BodyFields(nn.Module):
+  """The fields a detector shares with its ResNet-FPN body, under the same names.
+
+  A detector built on the body inherits them (``class FasterRCNN(BodyFields)``)
+  and builds the body with :func:`body_of`; its config sets them as its own
+  (``--config.model.depth=101``).
 
   Attributes:
     depth, widths, stem_width, norm, norm_eps, frozen_stages: the ResNet
       (:class:`~jdet.models.backbones.resnet.ResNet`; defaults R50, frozen
       BatchNorm, stem and layer1 frozen).
     fpn_channels: the FPN's width (256).
-    num_extra: levels after P5 by max-pooling (1: Faster R-CNN's P6; 0: P2..P5).
     dtype: computation dtype.
   """
 
@@ -53,8 +54,23 @@ class ResNetFPN(nn.Module):
   norm_eps: float = 1e-5
   frozen_stages: int = 1
   fpn_channels: int = 256
-  num_extra: int = 1
   dtype: Any = jnp.float32
+
+
+# The names of the fields above.
+BODY_FIELDS = tuple(f.name for f in dataclasses.fields(BodyFields)
+                    if f.name not in ("parent", "name"))
+
+
+class ResNetFPN(BodyFields):
+  """ResNet + FPN: ``image [B, H, W, 3]`` -> ``[P2, ..., P(5 + num_extra)]``.
+
+  Attributes:
+    the :class:`BodyFields`, and
+    num_extra: levels after P5 by max-pooling (1: Faster R-CNN's P6; 0: P2..P5).
+  """
+
+  num_extra: int = 1
 
   def setup(self):
     self.backbone = ResNet(depth=self.depth, widths=tuple(self.widths), stem_width=self.stem_width,

@@ -73,7 +73,7 @@ from jdet import losses
 from jdet.assign.max_iou import max_iou_assign
 from jdet.assign.sampling import sample_balanced
 from jdet.detections import Detections
-from jdet.models.body import body_of, frozen_body_parameters, roi_features
+from jdet.models.body import BodyFields, body_of, frozen_body_parameters, roi_features
 from jdet.models.detector import (encode_positives, finalize_detections, gt_labels, image_sizes,
                                   image_valid)
 from jdet.models.heads.roi_head import RoIBoxHead
@@ -210,14 +210,13 @@ def decode_detections(logits, deltas, proposals: Proposals, batch, *, score_thre
 # ----------------------------------------------------------------------------
 
 
-class FasterRCNN(nn.Module):
+class FasterRCNN(BodyFields, kw_only=True):
   """Faster R-CNN with a ResNet-FPN backbone (defaults: R50-FPN, torchvision's settings).
 
   Attributes:
+    the body's (:class:`~jdet.models.body.BodyFields`: depth, widths, stem_width,
+      norm, norm_eps, frozen_stages, fpn_channels, dtype), and
     num_classes: foreground classes (background is added internally).
-    depth, widths, stem_width, norm, norm_eps, frozen_stages: the ResNet backbone
-      (:class:`~jdet.models.backbones.resnet.ResNet`).
-    fpn_channels: the FPN's width (256).
     strides: the strides of P2..P6 (4 .. 64).
     anchor_sizes: per level the anchor sizes (one per level: 32 .. 512).
     anchor_ratios: ratios ``h / w`` shared by all levels.
@@ -237,17 +236,9 @@ class FasterRCNN(nn.Module):
     score_threshold, nms_threshold, max_detections, min_box_size: inference
       (0.05, 0.5, 100, 1e-2).
     pre_nms_top_k: candidates per class before the final NMS (None: all proposals).
-    dtype: computation dtype of the networks (float32 or bfloat16); box maths is float32.
   """
 
   num_classes: int
-  depth: int = 50
-  widths: Sequence[int] = (64, 128, 256, 512)
-  stem_width: int = 64
-  norm: str = "frozen_bn"
-  norm_eps: float = 1e-5
-  frozen_stages: int = 1
-  fpn_channels: int = 256
   strides: Sequence[int] = (4, 8, 16, 32, 64)
   anchor_sizes: Sequence[Any] = (32, 64, 128, 256, 512)
   anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0)
@@ -277,7 +268,6 @@ class FasterRCNN(nn.Module):
   max_detections: int = 100
   min_box_size: float = 1e-2
   pre_nms_top_k: int | None = None
-  dtype: Any = jnp.float32
 
   def setup(self):
     per_location = num_anchors_per_location(self._anchor_sizes(), self.anchor_ratios)

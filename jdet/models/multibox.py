@@ -8,6 +8,8 @@
   the number of positives in the batch. RefineDet runs it twice (ARM, ODM).
 * :func:`multibox_detections`: per-class NMS of class-agnostic boxes into
   :class:`jdet.Detections` in original pixels.
+* :class:`MultiBoxFields`: the settings of the three above, which both
+  detectors inherit as their own fields.
 
 Shapes: B images, A anchors, M padded ground-truth boxes, C foreground classes
 (logits have ``C + 1`` columns, background first), K detections per image.
@@ -15,8 +17,10 @@ Shapes: B images, A anchors, M padded ground-truth boxes, C foreground classes
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -28,10 +32,53 @@ from jdet.detections import Detections
 from jdet.models.detector import encode_positives, finalize_detections
 from jdet.ops.nms import multiclass_nms
 
-__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "BOX_STDS"]
+__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields",
+           "MULTIBOX_FIELDS", "BOX_STDS"]
 
 # SSD's "variances": centre offsets are divided by 0.1, log sizes by 0.2.
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)
+
+
+class MultiBoxFields(nn.Module):
+  """The matching, loss and inference settings SSD and RefineDet share (SSD's
+  values), and their ``predict``: per-class NMS of the detector's ``candidates``.
+
+  Attributes:
+    iou_threshold: matching threshold (0.5).
+    box_stds: encoding variances (0.1, 0.1, 0.2, 0.2).
+    neg_pos_ratio: hard negatives per positive (3).
+    smooth_l1_beta: smooth L1 transition (1).
+    score_threshold, pre_nms_top_k, nms_threshold, max_detections: inference
+      (0.01, 200 candidates per class, 0.45, 100 per image).
+    dtype: computation dtype of the convolutions (float32 or bfloat16).
+  """
+
+  iou_threshold: float = 0.5
+  box_stds: Sequence[float] = BOX_STDS
+  neg_pos_ratio: float = 3.0
+  smooth_l1_beta: float = 1.0
+  score_threshold: float = 0.01
+  pre_nms_top_k: int = 200
+  nms_threshold: float = 0.45
+  max_detections: int = 100
+  dtype: Any = jnp.float32
+
+  def candidates(self, batch):
+    """``(boxes [B, A, 4]`` input pixels, clipped, ``scores [B, A, C])`` before NMS."""
+    raise NotImplementedError
+
+  def predict(self, batch) -> Detections:
+    """Detections in original-image pixels, ``max_detections`` per image."""
+    boxes, scores = self.candidates(batch)
+    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
+                               pre_nms_top_k=self.pre_nms_top_k,
+                               nms_threshold=self.nms_threshold,
+                               max_detections=self.max_detections)
+
+
+# The names of the fields above.
+MULTIBOX_FIELDS = tuple(f.name for f in dataclasses.fields(MultiBoxFields)
+                        if f.name not in ("parent", "name"))
 
 
 # ----------------------------------------------------------------------------

@@ -45,21 +45,19 @@ positive anchor boxes to train the ODM"): filtered anchors are neither.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdet import boxes as box_lib
-from jdet.detections import Detections
-from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGG16
+from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGGFields, vgg_of
 from jdet.models.heads.refinedet_head import TransferConnectionBlock
 from jdet.models.detector import image_sizes, image_valid
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.models.multibox import BOX_STDS, multibox_detections, ssd_loss, ssd_targets
+from jdet.models.multibox import BOX_STDS, MultiBoxFields, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_default_boxes
 
 __all__ = ["RefineDet", "RefineDetOutputs", "RefineDetTargets", "refine_anchors",
@@ -242,71 +240,53 @@ def refinedet_candidates(outputs: RefineDetOutputs, image_size, *,
 # ----------------------------------------------------------------------------
 
 
-class RefineDet(nn.Module):
+class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
   """RefineDet320 / RefineDet512 with a VGG16 backbone (defaults: RefineDet320).
 
   Attributes:
     num_classes: foreground classes (background is added internally).
     image_size: side of the square input (320, 512, or smaller for tests).
-    widths, fc_width, fc6_dilation, extras, norm: the VGG16 backbone (see
-      :class:`~jdet.models.backbones.vgg.VGG16`); ``extras`` are conv6_1/conv6_2,
-      each extra level must halve the resolution. ``norm="batch"`` also puts
-      BatchNorm in the TCB.
+    the backbone's (:class:`~jdet.models.backbones.vgg.VGGFields`: widths,
+      fc_width, fc6_dilation (3 here), extras (conv6_1/conv6_2; each extra
+      level must halve the resolution), norm (``"batch"`` also puts BatchNorm
+      in the TCB), conv3_3_l2norm_scale (if set, conv3_3 is a source too, the
+      first level: the 128-pixel quick start uses 10), dtype),
+    the matching, loss and inference settings and the NMS of ``predict``
+      (:class:`~jdet.models.multibox.MultiBoxFields`, used by both the ARM and
+      the ODM: iou_threshold, box_stds, neg_pos_ratio, smooth_l1_beta,
+      score_threshold, pre_nms_top_k (1000 per class here), nms_threshold,
+      max_detections (100; the Caffe model keeps 500)), and
     l2norm_scales: initial L2Norm scales of conv4_3 and conv5_3 (10, 8).
-    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is a source too, the first
-      level (S3FD's small-object layer; the 128-pixel quick start uses 10).
     tcb_width: channels of the TCB and so of the ODM's inputs (256).
     anchor_sizes: one anchor size per level in pixels; ``None`` gives
       ``anchor_scale`` times the level's stride (8, 16, 32, 64, ...).
     anchor_scale: 4 (sizes 32, 64, 128, 256).
-    steps: the anchors' stride per level; ``None`` uses ``image_size /
+    strides: the anchors' stride per level; ``None`` uses ``image_size /
       feature size`` (RefineDet uses 8, 16, 32, 64).
     aspect_ratios: ratios ``a`` adding ``a:1`` and ``1:a`` anchors to the 1:1
       one, the same on every level ((2,): 3 anchors per location).
-    iou_threshold: matching threshold of the ARM and the ODM (0.5).
-    box_stds: encoding variances (0.1, 0.1, 0.2, 0.2), both steps.
-    neg_pos_ratio: hard negatives per positive (3), both modules.
-    smooth_l1_beta: smooth L1 transition (1).
     filter_threshold: negative anchor filtering, ARM background probability
       above which an anchor is ignored by the ODM (0.99), in training and test.
-    score_threshold, pre_nms_top_k, nms_threshold, max_detections: inference
-      (0.01, 1000 per class, 0.45, 100 per image; the Caffe model keeps 500).
-    dtype: computation dtype of the convolutions (float32 or bfloat16).
   """
 
   num_classes: int
   image_size: int = 320
-  widths: Sequence[int] = (64, 128, 256, 512, 512)
-  fc_width: int = 1024
   fc6_dilation: int = 3
   extras: Sequence[Sequence[int]] = REFINEDET_EXTRAS
   l2norm_scales: Sequence[float] = (10.0, 8.0)
-  norm: str = "none"
   tcb_width: int = 256
-  conv3_3_l2norm_scale: float | None = None
   anchor_sizes: Sequence[float] | None = None
   anchor_scale: float = 4.0
-  steps: Sequence[float] | None = (8, 16, 32, 64)
+  strides: Sequence[float] | None = (8, 16, 32, 64)
   aspect_ratios: Sequence[float] = (2,)
-  iou_threshold: float = 0.5
-  box_stds: Sequence[float] = BOX_STDS
-  neg_pos_ratio: float = 3.0
-  smooth_l1_beta: float = 1.0
   filter_threshold: float = 0.99
-  score_threshold: float = 0.01
   pre_nms_top_k: int = 1000
-  nms_threshold: float = 0.45
-  max_detections: int = 100
-  dtype: Any = jnp.float32
 
   def setup(self):
     if len(self.l2norm_scales) != 2:
       raise ValueError(f"l2norm_scales is (conv4_3, conv5_3), got {self.l2norm_scales!r}")
-    self.backbone = VGG16(widths=self.widths, fc_width=self.fc_width,
-                          fc6_dilation=self.fc6_dilation, extras=self.extras,
-                          l2norm_scale=self.l2norm_scales[0], norm=self.norm, dtype=self.dtype,
-                          pool5_stride=2, conv5_3_l2norm_scale=self.l2norm_scales[1],
-                          extras_first=6, conv3_3_l2norm_scale=self.conv3_3_l2norm_scale)
+    self.backbone = vgg_of(self, l2norm_scale=self.l2norm_scales[0], pool5_stride=2,
+                           conv5_3_l2norm_scale=self.l2norm_scales[1], extras_first=6)
     per_location = [self.anchors_per_location] * self.num_levels
     self.arm = SSDHead(2, per_location, dtype=self.dtype)
     self.tcb = TransferConnectionBlock(self.tcb_width, norm=self.norm, dtype=self.dtype)
@@ -340,10 +320,10 @@ class RefineDet(nn.Module):
     sizes = self.anchor_sizes_by_level
     if len(sizes) != n:
       raise ValueError(f"{len(sizes)} anchor sizes but the backbone has {n} levels")
-    steps = self.steps
-    if steps is None:
-      steps = [(self.image_size / h, self.image_size / w) for h, w in feature_sizes]
-    return ssd_default_boxes(self.image_size, feature_sizes, steps, sizes, None,
+    strides = self.strides
+    if strides is None:
+      strides = [(self.image_size / h, self.image_size / w) for h, w in feature_sizes]
+    return ssd_default_boxes(self.image_size, feature_sizes, strides, sizes, None,
                              [tuple(self.aspect_ratios)] * n)
 
   def __call__(self, image, *, train: bool = False) -> RefineDetOutputs:
@@ -389,18 +369,10 @@ class RefineDet(nn.Module):
     return refinedet_candidates(out, image_sizes(batch),
                                 box_stds=self.box_stds, filter_threshold=self.filter_threshold)
 
-  def predict(self, batch) -> Detections:
-    """Detections in original-image pixels, ``max_detections`` per image."""
-    boxes, scores = self.candidates(batch)
-    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                               pre_nms_top_k=self.pre_nms_top_k,
-                               nms_threshold=self.nms_threshold,
-                               max_detections=self.max_detections)
-
   def at_input_size(self, size: int) -> "RefineDet":
     """The same detector (same variables) for ``size x size`` input, for
     multi-scale testing: anchors keep their sizes in pixels and their strides
-    (``steps``, the network's true strides 8 .. 64 at every input size), so a
+    (``strides``, the network's true strides 8 .. 64 at every input size), so a
     larger input finds smaller objects."""
     if size == self.image_size:
       return self

@@ -46,8 +46,6 @@ proposal feature width, T stages.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import flax.linen as nn
 import flax.struct
 import jax
@@ -57,9 +55,9 @@ from jdet import boxes as box_lib
 from jdet import losses
 from jdet.assign.hungarian import SOLVERS, match_columns
 from jdet.detections import Detections
-from jdet.models.body import body_of, frozen_body_parameters, roi_features
+from jdet.models.body import BodyFields, body_of, frozen_body_parameters, roi_features
 from jdet.models.detector import finalize_detections, gt_labels, image_sizes
-from jdet.models.heads.sparse_rcnn_head import AUTHORS_SCALE_CLAMP, STAGE_FIELDS, DynamicStage
+from jdet.models.heads.sparse_rcnn_head import STAGE_FIELDS, DynamicStage, StageFields
 
 __all__ = ["SparseRCNN", "StageOutputs", "SetTargets", "matching_cost", "set_targets",
            "set_loss", "decode_detections"]
@@ -223,21 +221,19 @@ def decode_detections(logits, boxes, batch, *, max_detections: int) -> Detection
 # ----------------------------------------------------------------------------
 
 
-class SparseRCNN(nn.Module):
+class SparseRCNN(BodyFields, StageFields):
   """Sparse R-CNN with a ResNet-FPN body (defaults: R50-FPN, 100 proposals, the authors' settings).
 
   Attributes:
-    num_classes: foreground classes (sigmoid scores, no background).
-    depth, widths, stem_width, norm, norm_eps, frozen_stages, fpn_channels:
-      the body (:class:`~jdet.models.body.ResNetFPN`, P2..P5).
+    the body's (:class:`~jdet.models.body.BodyFields`: depth, widths, stem_width,
+      norm, norm_eps, frozen_stages, fpn_channels; P2..P5),
+    every stage's (:class:`~jdet.models.heads.sparse_rcnn_head.StageFields`:
+      num_classes, num_heads, dim_feedforward, dim_dynamic, num_cls_fcs,
+      num_reg_fcs, dropout, prior_prob, scale_clamp, symmetric_clamp; the
+      proposal feature width is ``fpn_channels``), and
     num_proposals: N (100 or 300).
     num_stages: T (6), each with its own weights.
-    num_heads, dim_feedforward, dim_dynamic, num_cls_fcs, num_reg_fcs,
-      dropout, prior_prob: of every stage (8, 2048, 64, 1, 3, 0.0, 0.01). The
-      proposal feature width is ``fpn_channels``.
     roi_output_size, roi_sampling_ratio: RoIAlign (7, 2; aligned).
-    scale_clamp, symmetric_clamp: the box update's clamp of ``dw, dh``
-      (authors: 8.74 from above; MMDetection: 4.135 both ways).
     class_weight, l1_weight, giou_weight: of both the matching cost and the
       loss (2, 5, 2).
     focal_alpha, focal_gamma: (0.25, 2).
@@ -247,27 +243,10 @@ class SparseRCNN(nn.Module):
     dtype: computation dtype of the networks; box maths, costs and losses are float32.
   """
 
-  num_classes: int = 80
-  depth: int = 50
-  widths: Sequence[int] = (64, 128, 256, 512)
-  stem_width: int = 64
-  norm: str = "frozen_bn"
-  norm_eps: float = 1e-5
-  frozen_stages: int = 1
-  fpn_channels: int = 256
   num_proposals: int = 100
   num_stages: int = 6
-  num_heads: int = 8
-  dim_feedforward: int = 2048
-  dim_dynamic: int = 64
-  num_cls_fcs: int = 1
-  num_reg_fcs: int = 3
-  dropout: float = 0.0
-  prior_prob: float = 0.01
   roi_output_size: int = 7
   roi_sampling_ratio: int = 2
-  scale_clamp: float = AUTHORS_SCALE_CLAMP
-  symmetric_clamp: bool = False
   class_weight: float = 2.0
   l1_weight: float = 5.0
   giou_weight: float = 2.0
@@ -276,7 +255,6 @@ class SparseRCNN(nn.Module):
   cost_eps: float = 1e-8
   matcher: str = "host"
   max_detections: int = 100
-  dtype: Any = jnp.float32
 
   def setup(self):
     if self.matcher not in SOLVERS:

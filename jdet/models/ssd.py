@@ -26,85 +26,84 @@ serves every batch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdet import boxes as box_lib
-from jdet.detections import Detections
-from jdet.models.backbones.vgg import SSD300_EXTRAS, VGG16
+from jdet.models.backbones.vgg import VGGFields, vgg_of
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.ops.anchors import (SSD300_ASPECT_RATIOS, num_default_boxes_per_location,
-                              ssd_default_boxes, ssd_sizes)
+from jdet.ops.anchors import num_default_boxes_per_location, ssd_default_boxes, ssd_sizes
 from jdet.models.detector import image_sizes, image_valid
-from jdet.models.multibox import BOX_STDS, multibox_detections, ssd_loss, ssd_targets
+from jdet.models.multibox import (BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
+                                  ssd_targets)
 
-__all__ = ["SSD", "ssd_targets", "ssd_loss", "multibox_detections", "BOX_STDS"]
+__all__ = ["SSD", "SSDOutputs", "ssd_targets", "ssd_loss", "multibox_detections", "BOX_STDS",
+           "SSD300_ASPECT_RATIOS", "SSD512_ASPECT_RATIOS"]
+
+# The ratios ``a`` per level that add default boxes ``a:1`` and ``1:a``.
+SSD300_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+SSD512_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+
+class SSDOutputs(NamedTuple):
+  """What :class:`SSD` computes for a batch (a tuple: ``logits, deltas, anchors = out``).
+
+  Attributes:
+    logits: ``[B, A, C + 1]`` class logits, background first.
+    deltas: ``[B, A, 4]`` box offsets from the default boxes.
+    anchors: ``[A, 4]`` the default boxes, xyxy input pixels.
+  """
+
+  logits: jnp.ndarray
+  deltas: jnp.ndarray
+  anchors: jnp.ndarray
+
 
 # ----------------------------------------------------------------------------
 # The detector.
 # ----------------------------------------------------------------------------
 
 
-class SSD(nn.Module):
+class SSD(VGGFields, MultiBoxFields, kw_only=True):
   """SSD300 / SSD512 with a VGG16 backbone (defaults: SSD300 on COCO).
 
   Attributes:
     num_classes: foreground classes (background is added internally).
     image_size: side of the square input (300, 512, or smaller for tests).
-    widths, fc_width, fc6_dilation, extras, l2norm_scale, norm: the VGG16 backbone
-      (see :class:`~jdet.models.backbones.vgg.VGG16`).
-    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is a source too, the first
-      level (S3FD's small-object layer; the 128-pixel quick start uses 10).
+    the backbone's (:class:`~jdet.models.backbones.vgg.VGGFields`: widths,
+      fc_width, fc6_dilation, extras, norm, conv3_3_l2norm_scale, dtype; with
+      conv3_3_l2norm_scale set, conv3_3 (stride 4) is a source too, the first
+      level: S3FD's small-object layer, the 128-pixel quick start uses 10),
+    the matching, loss and inference settings and the NMS of ``predict``
+      (:class:`~jdet.models.multibox.MultiBoxFields`: iou_threshold, box_stds,
+      neg_pos_ratio, smooth_l1_beta, score_threshold, pre_nms_top_k (200 per
+      class), nms_threshold, max_detections), and
+    l2norm_scale: initial scale of the L2Norm on conv4_3 (20).
     min_sizes, max_sizes: default box sizes per level in pixels; ``None`` uses
       the paper's scale rule with ``size_rule = (s_min, s_max, first)``.
     size_rule: ``(0.15, 0.9, 0.07)`` for COCO, ``(0.2, 0.9, 0.1)`` for VOC SSD300.
-    steps: the default boxes' stride per level; ``None`` uses ``image_size /
-      feature size`` (SSD300 uses 8, 16, 32, 64, 100, 300).
+    strides: the default boxes' stride per level (Caffe's ``step``); ``None``
+      uses ``image_size / feature size`` (SSD300 uses 8, 16, 32, 64, 100, 300).
     aspect_ratios: per level, the ratios ``a`` that add boxes ``a:1`` and ``1:a``.
     clamp_default_boxes: clamp default box sides to the image (torchvision).
-    iou_threshold: matching threshold (0.5).
-    box_stds: encoding variances (0.1, 0.1, 0.2, 0.2).
-    neg_pos_ratio: hard negatives per positive (3).
-    smooth_l1_beta: smooth L1 transition (1).
-    score_threshold, pre_nms_top_k, nms_threshold, max_detections: inference
-      (0.01, 200 per class, 0.45, 100 per image).
-    dtype: computation dtype of the convolutions (float32 or bfloat16).
   """
 
   num_classes: int
   image_size: int = 300
-  widths: Sequence[int] = (64, 128, 256, 512, 512)
-  fc_width: int = 1024
-  fc6_dilation: int = 6
-  extras: Sequence[Sequence[int]] = SSD300_EXTRAS
   l2norm_scale: float = 20.0
-  norm: str = "none"
-  conv3_3_l2norm_scale: float | None = None
   min_sizes: Sequence[float] | None = None
   max_sizes: Sequence[float] | None = None
   size_rule: Sequence[float] = (0.15, 0.9, 0.07)
-  steps: Sequence[float] | None = (8, 16, 32, 64, 100, 300)
+  strides: Sequence[float] | None = (8, 16, 32, 64, 100, 300)
   aspect_ratios: Sequence[Sequence[float]] = SSD300_ASPECT_RATIOS
   clamp_default_boxes: bool = False
-  iou_threshold: float = 0.5
-  box_stds: Sequence[float] = BOX_STDS
-  neg_pos_ratio: float = 3.0
-  smooth_l1_beta: float = 1.0
-  score_threshold: float = 0.01
-  pre_nms_top_k: int = 200
-  nms_threshold: float = 0.45
-  max_detections: int = 100
-  dtype: Any = jnp.float32
 
   def setup(self):
-    self.backbone = VGG16(widths=self.widths, fc_width=self.fc_width,
-                          fc6_dilation=self.fc6_dilation, extras=self.extras,
-                          l2norm_scale=self.l2norm_scale, norm=self.norm, dtype=self.dtype,
-                          conv3_3_l2norm_scale=self.conv3_3_l2norm_scale)
+    self.backbone = vgg_of(self, l2norm_scale=self.l2norm_scale)
     self.head = SSDHead(self.num_classes + 1, self.boxes_per_location, dtype=self.dtype)
 
   @property
@@ -117,22 +116,22 @@ class SSD(nn.Module):
     return num_default_boxes_per_location(self.aspect_ratios, self.max_sizes is not None
                                           or self.min_sizes is None)
 
-  def default_boxes(self, feature_sizes: Sequence[Sequence[int]]) -> np.ndarray:
-    """``[A, 4]`` float32 xyxy default boxes for the given ``(h, w)`` per level."""
+  def anchors(self, feature_sizes: Sequence[Sequence[int]]) -> np.ndarray:
+    """``[A, 4]`` float32 xyxy default boxes (SSD's anchors) for the given ``(h, w)`` per level."""
     n = len(feature_sizes)
     if len(self.aspect_ratios) != n:
       raise ValueError(f"aspect_ratios has {len(self.aspect_ratios)} levels, the backbone {n}")
     min_sizes, max_sizes = self.min_sizes, self.max_sizes
     if min_sizes is None:
       min_sizes, max_sizes = ssd_sizes(self.image_size, n, *self.size_rule)
-    steps = self.steps
-    if steps is None:
-      steps = [(self.image_size / h, self.image_size / w) for h, w in feature_sizes]
-    return ssd_default_boxes(self.image_size, feature_sizes, steps, min_sizes, max_sizes,
+    strides = self.strides
+    if strides is None:
+      strides = [(self.image_size / h, self.image_size / w) for h, w in feature_sizes]
+    return ssd_default_boxes(self.image_size, feature_sizes, strides, min_sizes, max_sizes,
                              self.aspect_ratios, clamp_size=self.clamp_default_boxes)
 
-  def __call__(self, image, *, train: bool = False):
-    """``image [B, S, S, 3]`` -> ``(logits [B, A, C + 1], deltas [B, A, 4], default boxes [A, 4])``."""
+  def __call__(self, image, *, train: bool = False) -> SSDOutputs:
+    """``image [B, S, S, 3]`` -> :class:`SSDOutputs` (logits, deltas, default boxes)."""
     if image.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"SSD{self.image_size} expects {self.image_size}x{self.image_size} input, "
                        f"got {image.shape[1]}x{image.shape[2]}")
@@ -142,10 +141,10 @@ class SSD(nn.Module):
       raise ValueError(f"the backbone's feature maps for {self.image_size}x{self.image_size} input "
                        f"are {sizes}: an extra layer shrinks a map to nothing; change `extras`")
     logits, deltas = self.head(features)
-    anchors = self.default_boxes(sizes)
+    anchors = self.anchors(sizes)
     if anchors.shape[0] != logits.shape[1]:
       raise ValueError(f"{anchors.shape[0]} default boxes but the head predicts {logits.shape[1]}")
-    return logits, deltas, jnp.asarray(anchors)
+    return SSDOutputs(logits, deltas, jnp.asarray(anchors))
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters that never train: none (the whole VGG trains)."""
@@ -174,14 +173,6 @@ class SSD(nn.Module):
     boxes = box_lib.clip(boxes, image_sizes(batch)[:, None, :])
     return boxes, scores
 
-  def predict(self, batch) -> Detections:
-    """Detections in original-image pixels, ``max_detections`` per image."""
-    boxes, scores = self.candidates(batch)
-    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                               pre_nms_top_k=self.pre_nms_top_k,
-                               nms_threshold=self.nms_threshold,
-                               max_detections=self.max_detections)
-
   def at_input_size(self, size: int) -> "SSD":
     """The same detector (same variables) for ``size x size`` input, for
     multi-scale testing: default boxes keep their sizes in pixels and follow
@@ -192,4 +183,4 @@ class SSD(nn.Module):
     if min_sizes is None:
       min_sizes, max_sizes = ssd_sizes(self.image_size, self.num_levels, *self.size_rule)
     return self.clone(image_size=size, min_sizes=tuple(min_sizes),
-                      max_sizes=None if max_sizes is None else tuple(max_sizes), steps=None)
+                      max_sizes=None if max_sizes is None else tuple(max_sizes), strides=None)

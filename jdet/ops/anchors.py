@@ -40,7 +40,6 @@ from jdet import boxes as box_ops
 __all__ = [
     "ssd_sizes", "ssd_default_boxes", "num_default_boxes_per_location",
     "grid_anchors", "multilevel_grid_anchors", "num_anchors_per_location",
-    "SSD300_ASPECT_RATIOS",
 ]
 
 
@@ -132,7 +131,7 @@ def num_default_boxes_per_location(aspect_ratios: Sequence[Sequence[float]],
 def ssd_default_boxes(
     image_size,
     feature_sizes: Sequence,
-    steps: Sequence,
+    strides: Sequence,
     min_sizes: Sequence[float],
     max_sizes: Sequence[float] | None,
     aspect_ratios: Sequence[Sequence[float]],
@@ -147,23 +146,23 @@ def ssd_default_boxes(
   size ``s_k = min_sizes[k]``; if ``max_sizes`` is given, the 1:1 box of size
   ``sqrt(s_k * max_sizes[k])``; then for each ratio ``a`` in ``aspect_ratios[k]``
   the boxes ``(w, h) = (s_k sqrt(a), s_k / sqrt(a))`` and ``(s_k / sqrt(a), s_k sqrt(a))``.
-  Their centre is ``((j + offset) * step_w, (i + offset) * step_h)`` for row ``i``
+  Their centre is ``((j + offset) * stride_w, (i + offset) * stride_h)`` for row ``i``
   and column ``j``. Sizes are in pixels, so boxes are square in pixels whatever
   the image's shape (as in Caffe; torchvision's ``DefaultBoxGenerator`` scales
   by each side instead, which differs only for non-square images).
 
-  Example: one 2x2 level, step 10, min size 8, no max size, no ratios gives
+  Example: one 2x2 level, stride 10, min size 8, no max size, no ratios gives
   ``[[1, 1, 9, 9], [11, 1, 19, 9], [1, 11, 9, 19], [11, 11, 19, 19]]``.
 
   Args:
     image_size: ``(h, w)`` or ``s`` for a square input; used by ``clip`` and ``clamp_size``.
     feature_sizes: per level ``f`` or ``(f_h, f_w)``.
-    steps: per level the stride in pixels, ``s`` or ``(s_h, s_w)``.
+    strides: per level the boxes' stride in pixels (Caffe's ``step``), ``s`` or ``(s_h, s_w)``.
     min_sizes: per level ``s_k`` in pixels.
     max_sizes: per level ``s_{k+1}`` in pixels, or ``None`` for no extra 1:1 box
       (RefineDet).
     aspect_ratios: per level a list of ratios ``a >= 1`` (each gives two boxes).
-    offset: centre offset in units of the step (Caffe's ``offset``).
+    offset: centre offset in units of the stride (Caffe's ``offset``).
     clip: clip the xyxy boxes to the image (Caffe's ``clip``; off in the
       released SSD and RefineDet models).
     clamp_size: clamp each box's width and height to the image's before the
@@ -175,14 +174,14 @@ def ssd_default_boxes(
   n = len(feature_sizes)
   if max_sizes is not None and len(max_sizes) != n:
     raise ValueError(f"max_sizes has {len(max_sizes)} levels, feature_sizes {n}")
-  for name, v in (("steps", steps), ("min_sizes", min_sizes), ("aspect_ratios", aspect_ratios)):
+  for name, v in (("strides", strides), ("min_sizes", min_sizes), ("aspect_ratios", aspect_ratios)):
     if len(v) != n:
       raise ValueError(f"{name} has {len(v)} levels, feature_sizes {n}")
   img_h, img_w = _pair(image_size)
   out = []
   for k in range(n):
     fh, fw = _pair(feature_sizes[k])
-    sh, sw = _pair(steps[k])
+    sh, sw = _pair(strides[k])
     wh = _ssd_wh(min_sizes[k], None if max_sizes is None else max_sizes[k], aspect_ratios[k])
     if clamp_size:
       wh = np.minimum(wh, [img_w, img_h])
@@ -194,10 +193,6 @@ def ssd_default_boxes(
     out.append(np.concatenate([centres, sizes], axis=-1).reshape(-1, 4))
   xyxy = _cxcywh_to_xyxy(np.concatenate(out, axis=0))                # [A, 4]
   return _clip(xyxy, (img_h, img_w)) if clip else xyxy
-
-
-# SSD300's aspect ratios per level (the default of ``SSD.aspect_ratios``).
-SSD300_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 
 
 # ----------------------------------------------------------------------------

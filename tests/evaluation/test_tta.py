@@ -38,24 +38,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # ----------------------------------------------------------------------------
 
 
-class TableDetector(nn.Module):
+class FakeDetector(nn.Module):
+  """What test-time augmentation needs of a detector: ``candidates`` at a square
+  ``image_size`` and ``at_input_size``, with the NMS settings as fields."""
+
+  image_size: int
+  score_threshold: float = 0.01
+  pre_nms_top_k: int = 100
+  nms_threshold: float = 0.45
+  max_detections: int = 10
+
+  def checked_image(self, batch):
+    image = batch["image"]
+    if image.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"expected {self.image_size}x{self.image_size} input, got {image.shape}")
+    return image
+
+  def at_input_size(self, size: int):
+    return self.clone(image_size=size)
+
+
+class TableDetector(FakeDetector, kw_only=True):
   """Candidates from a table per input side, whatever the image.
 
   ``tables`` holds ``(side, boxes, scores)``: ``boxes [A, 4]`` as fractions
   of the input side, ``scores [A, C]``; every side has the same A.
   """
 
-  image_size: int
   tables: tuple
-  score_threshold: float = 0.01
-  pre_nms_top_k: int = 100
-  nms_threshold: float = 0.45
-  max_detections: int = 10
 
   def candidates(self, batch):
-    image = batch["image"]
-    if image.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"expected {self.image_size}x{self.image_size} input, got {image.shape}")
+    image = self.checked_image(batch)
     TRACED.append(self.image_size)  # runs once per trace
     table = {side: (b, s) for side, b, s in self.tables}[self.image_size]
     b = image.shape[0]
@@ -64,26 +77,18 @@ class TableDetector(nn.Module):
     return (jnp.broadcast_to(boxes, (b,) + boxes.shape),
             jnp.broadcast_to(scores, (b,) + scores.shape))
 
-  def at_input_size(self, size: int):
-    return self.clone(image_size=size)
-
 
 TRACED: list[int] = []
 
 
-class BrightBoxDetector(nn.Module):
+class BrightBoxDetector(FakeDetector):
   """One candidate: the bounding box of the pixels above 0.5 in channel 0."""
 
-  image_size: int
-  score_threshold: float = 0.01
   pre_nms_top_k: int = 10
-  nms_threshold: float = 0.45
   max_detections: int = 4
 
   def candidates(self, batch):
-    image = batch["image"]
-    if image.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"expected {self.image_size}x{self.image_size} input, got {image.shape}")
+    image = self.checked_image(batch)
     bright = image[..., 0] > 0.5  # [B, H, W]
     rows, cols = jnp.any(bright, axis=2), jnp.any(bright, axis=1)  # [B, H], [B, W]
     h, w = rows.shape[1], cols.shape[1]
@@ -91,9 +96,6 @@ class BrightBoxDetector(nn.Module):
     x1, x2 = jnp.argmax(cols, axis=1), w - jnp.argmax(cols[:, ::-1], axis=1)
     boxes = jnp.stack([x1, y1, x2, y2], axis=-1).astype(jnp.float32)[:, None]  # [B, 1, 4]
     return boxes, jnp.full((image.shape[0], 1, 1), 0.9, jnp.float32)
-
-  def at_input_size(self, size: int):
-    return self.clone(image_size=size)
 
 
 def _tables(spec: dict) -> tuple:

@@ -307,7 +307,7 @@ def test_ssd300_coco_parameter_count_matches_torchvision():
 def test_ssd512_default_boxes():
   model = SSD(num_classes=20, image_size=512, extras=SSD512_EXTRAS,
               aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
-              steps=(8, 16, 32, 64, 128, 256, 512))
+              strides=(8, 16, 32, 64, 128, 256, 512))
   (logits, _, anchors), _ = _abstract_outputs(model, 512)
   # Maps 64, 32, 16, 8, 4, 2, 1 with 4, 6, 6, 6, 6, 4, 4 boxes per location:
   # 16384 + 6144 + 1536 + 384 + 96 + 16 + 4 = 24564.
@@ -366,23 +366,22 @@ def _shapes_objects(num_images: int = 256) -> list[np.ndarray]:
   return [np.asarray(source[i].boxes, np.float32) for i in range(num_images)]
 
 
-def _anchors(model, maps) -> np.ndarray:
-  """SSD's default boxes or RefineDet's anchors for feature maps ``maps``."""
-  return model.default_boxes(maps) if isinstance(model, SSD) else model.anchors(maps)
+def _ssd_without_conv3_3(model):
+  """The same SSD design without the stride-4 level: conv4_3 first, the other levels kept."""
+  min_sizes, max_sizes = ssd_sizes(128, model.num_levels, *model.size_rule)
+  return model.clone(conv3_3_l2norm_scale=None, aspect_ratios=model.aspect_ratios[1:],
+                     min_sizes=min_sizes[1:], max_sizes=max_sizes[1:])
 
 
-def _without_conv3_3(model):
-  """The same design without the stride-4 level: conv4_3 first, the other levels kept."""
-  if isinstance(model, SSD):
-    min_sizes, max_sizes = ssd_sizes(128, model.num_levels, *model.size_rule)
-    return model.clone(conv3_3_l2norm_scale=None, aspect_ratios=model.aspect_ratios[1:],
-                       min_sizes=min_sizes[1:], max_sizes=max_sizes[1:])
-  return model.clone(conv3_3_l2norm_scale=None, steps=model.steps[1:],
+def _refinedet_without_conv3_3(model):
+  """The same RefineDet design without the stride-4 level, the other anchors kept."""
+  return model.clone(conv3_3_l2norm_scale=None, strides=model.strides[1:],
                      anchor_sizes=model.anchor_sizes_by_level[1:])
 
 
-@pytest.mark.parametrize("config_name", ["ssd300", "refinedet320"])
-def test_shapes_default_boxes_cover_the_validation_objects(config_name):
+@pytest.mark.parametrize("config_name,without_conv3_3", [
+    ("ssd300", _ssd_without_conv3_3), ("refinedet320", _refinedet_without_conv3_3)])
+def test_shapes_default_boxes_cover_the_validation_objects(config_name, without_conv3_3):
   """With conv3_3 as the first source, nearly every object of the shapes
   validation split overlaps a default box by IoU >= 0.5 (the matching rule);
   without it a large share has only its forced best match."""
@@ -393,10 +392,10 @@ def test_shapes_default_boxes_cover_the_validation_objects(config_name):
   out, _ = jax.eval_shape(lambda key, x: model.init_with_output(key, x), jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
   maps = [(128 // s, 128 // s) for s in (4, 8, 16, 32, 64, 128)][:model.num_levels]
-  anchors = _anchors(model, maps)
-  assert anchors.shape == ((out[2] if isinstance(model, SSD) else out.anchors).shape[0], 4)
+  anchors = model.anchors(maps)
+  assert anchors.shape == (out.anchors.shape[0], 4)
   objects = _shapes_objects()
   best = best_iou_per_object(anchors, objects)
   assert len(best) > 500 and (best < 0.5).mean() < 0.01
-  coarse = _anchors(_without_conv3_3(model), maps[1:])
+  coarse = without_conv3_3(model).anchors(maps[1:])
   assert (best_iou_per_object(coarse, objects) < 0.5).mean() > 0.05

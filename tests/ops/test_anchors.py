@@ -13,6 +13,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBo
 from torchvision.models.detection.image_list import ImageList
 
 from jdet.ops import anchors
+from jdet.models.ssd import SSD300_ASPECT_RATIOS
 from tests.helpers import refinedet_anchors, ssd300_default_boxes, ssd512_default_boxes
 
 R2 = math.sqrt(2.0)
@@ -46,9 +47,9 @@ def test_ssd300_coco_matches_torchvision(tv_clip):
   assert got.dtype == np.float32 and got.shape == expected.shape == (8732, 4)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
   assert sum(f * f * p for (f, _), p in zip(
-      sizes, anchors.num_default_boxes_per_location(anchors.SSD300_ASPECT_RATIOS))) == 8732
+      sizes, anchors.num_default_boxes_per_location(SSD300_ASPECT_RATIOS))) == 8732
   assert tv.num_anchors_per_location() == anchors.num_default_boxes_per_location(
-      anchors.SSD300_ASPECT_RATIOS)
+      SSD300_ASPECT_RATIOS)
 
 
 def test_ssd512_voc_matches_torchvision():
@@ -130,7 +131,7 @@ def test_ssd_clip_and_small_case():
   clipped = ssd300_default_boxes(clip=True)
   np.testing.assert_array_equal(clipped, np.clip(unclipped, 0, 300))
   assert (unclipped.min() < 0) and (unclipped.max() > 300)
-  with pytest.raises(ValueError, match="steps"):
+  with pytest.raises(ValueError, match="strides"):
     anchors.ssd_default_boxes(300, [38, 19], [8], [30, 60], None, [(2,), (2,)])
 
 

@@ -122,8 +122,10 @@ class FrozenBatchNorm(nn.Module):
     return x * mult.astype(self.dtype) + add.astype(self.dtype)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions and the shortcut (ResNet-18/34); ``width`` out channels."""
+class ResidualBlock(nn.Module):
+  """The fields of a residual block: ``width`` (its inner channels; it returns
+  ``expansion * width``), the stride of its first strided convolution, the
+  normalisation layer and the computation dtype."""
 
   width: int
   stride: int = 1
@@ -131,6 +133,10 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
 
   expansion = 1
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convolutions and the shortcut (ResNet-18/34); ``width`` out channels."""
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -141,13 +147,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x, self.width))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """1x1 (``width``), 3x3 with the stride (v1.5), 1x1 (``4 * width``) and the shortcut."""
-
-  width: int
-  stride: int = 1
-  norm: Callable[..., nn.Module] = FrozenBatchNorm
-  dtype: Any = jnp.float32
 
   expansion = 4
 

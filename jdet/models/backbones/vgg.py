@@ -43,13 +43,14 @@ in the reference implementations.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["L2Norm", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "REFINEDET_EXTRAS",
-           "conv_kernel_init"]
+__all__ = ["L2Norm", "VGGFields", "VGG_FIELDS", "vgg_of", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS",
+           "REFINEDET_EXTRAS", "conv_kernel_init"]
 
 # (mid_channels, out_channels, kernel, stride, padding) of each extra level.
 SSD300_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
@@ -108,19 +109,50 @@ class L2Norm(nn.Module):
     return (x32 / jnp.maximum(norm, self.eps) * scale).astype(x.dtype)
 
 
-class VGG16(nn.Module):
-  """SSD's VGG16 feature extractor: returns the source feature maps.
+class VGGFields(nn.Module):
+  """The VGG16 fields a detector shares with its backbone, under the same names.
+
+  SSD and RefineDet inherit them and build the backbone with :func:`vgg_of`.
 
   Attributes:
     widths: channels of the five VGG stages (64, 128, 256, 512, 512).
     fc_width: channels of fc6 and fc7 (1024).
     fc6_dilation: fc6's dilation (6; its padding equals it).
     extras: the extra levels after fc7, ``(mid, out, kernel, stride, padding)``.
-    l2norm_scale: initial scale of the L2Norm on conv4_3.
     norm: ``"none"`` (the paper's VGG16) or ``"batch"``: BatchNorm after every
       convolution (torchvision's ``vgg16_bn`` layout), which trains from
       scratch much faster; used by the small CPU variants.
+    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is returned too, first,
+      through an L2Norm with this initial scale (S3FD: 10).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+  """
+
+  widths: Sequence[int] = (64, 128, 256, 512, 512)
+  fc_width: int = 1024
+  fc6_dilation: int = 6
+  extras: Sequence[Sequence[int]] = SSD300_EXTRAS
+  norm: str = "none"
+  conv3_3_l2norm_scale: float | None = None
+  dtype: Any = jnp.float32
+
+
+# The names of the fields above.
+VGG_FIELDS = tuple(f.name for f in dataclasses.fields(VGGFields)
+                   if f.name not in ("parent", "name"))
+
+
+def vgg_of(detector: Any, **settings) -> VGG16:
+  """The :class:`VGG16` of a detector that has the :data:`VGG_FIELDS`, with the
+  backbone's other ``settings`` (``l2norm_scale``, ``pool5_stride``, ...)."""
+  return VGG16(**{f: getattr(detector, f) for f in VGG_FIELDS}, **settings)
+
+
+class VGG16(VGGFields):
+  """SSD's VGG16 feature extractor: returns the source feature maps.
+
+  Attributes:
+    the :class:`VGGFields`, and
+    l2norm_scale: initial scale of the L2Norm on conv4_3.
     pool5_stride: 1 for SSD's pool5 (3x3, stride 1, padding 1: fc7 keeps
       conv5_3's stride 16) or 2 for RefineDet's (2x2, stride 2, ceil mode as
       Caffe: fc7 at stride 32).
@@ -128,21 +160,12 @@ class VGG16(nn.Module):
       conv4_3, through an L2Norm with this initial scale (RefineDet: 8).
     extras_first: the number in the first extra level's name (``conv8_1``,
       ``conv8_2`` in SSD; 6 in RefineDet).
-    conv3_3_l2norm_scale: if set, conv3_3 (stride 4) is returned too, first,
-      through an L2Norm with this initial scale (S3FD: 10).
   """
 
-  widths: Sequence[int] = (64, 128, 256, 512, 512)
-  fc_width: int = 1024
-  fc6_dilation: int = 6
-  extras: Sequence[Sequence[int]] = SSD300_EXTRAS
   l2norm_scale: float = 20.0
-  norm: str = "none"
-  dtype: Any = jnp.float32
   pool5_stride: int = 1
   conv5_3_l2norm_scale: float | None = None
   extras_first: int = 8
-  conv3_3_l2norm_scale: float | None = None
 
   @property
   def out_channels(self) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ with ``p = 0.01``, LayerNorm 1 / 0 with epsilon 1e-5.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 
 from jdet import boxes as box_lib
 
-__all__ = ["STAGE_FIELDS", "DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas", "BOX_STDS",
+__all__ = ["StageFields", "STAGE_FIELDS", "DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas", "BOX_STDS",
            "AUTHORS_SCALE_CLAMP", "MMDET_SCALE_CLAMP"]
 
 # Offsets are scaled by weights (2, 2, 1, 1): stds (0.5, 0.5, 1, 1).
@@ -57,10 +58,6 @@ BOX_STDS = (0.5, 0.5, 1.0, 1.0)
 # The authors clamp dw, dh from above at log(100000 / 16); MMDetection at +-log(1000 / 16).
 AUTHORS_SCALE_CLAMP = math.log(100000.0 / 16)
 MMDET_SCALE_CLAMP = math.log(1000.0 / 16)
-
-# DynamicStage's fields, which SparseRCNN passes on under the same names.
-STAGE_FIELDS = ("num_classes", "num_heads", "dim_feedforward", "dim_dynamic", "num_cls_fcs",
-                "num_reg_fcs", "dropout", "prior_prob", "scale_clamp", "symmetric_clamp", "dtype")
 
 LN_EPS = 1e-5  # torch's LayerNorm default (Flax's is 1e-6)
 xavier = nn.initializers.xavier_uniform()
@@ -154,12 +151,20 @@ class DynamicConv(nn.Module):
     return nn.relu(_ln("fc_norm", self.dtype)(h))
 
 
-class DynamicStage(nn.Module):
-  """One stage: ``(roi [B, N, S, S, C], x [B, N, D], boxes [B, N, 4])`` ->
-  ``(logits [B, N, num_classes], new_boxes [B, N, 4], x' [B, N, D])``.
+class StageFields(nn.Module):
+  """The fields of a :class:`DynamicStage`, which SparseRCNN inherits and passes on.
 
-  ``new_boxes`` (float32, xyxy, input pixels) carry the gradient of the
-  offsets; the caller stops it before the next stage.
+  Attributes:
+    num_classes: foreground classes (sigmoid scores).
+    num_heads: of the self-attention between proposals (8).
+    dim_feedforward: the FFN's hidden width (2048).
+    dim_dynamic: the dynamic convolution's width (64).
+    num_cls_fcs, num_reg_fcs: layers of the class and box towers (1, 3).
+    dropout: in attention and FFN (0.0).
+    prior_prob: initial foreground probability of the focal classifier (0.01).
+    scale_clamp, symmetric_clamp: the clamp of ``dw, dh`` in the box update
+      (authors: 8.74 from above; MMDetection: 4.135 both ways).
+    dtype: computation dtype; boxes stay float32.
   """
 
   num_classes: int = 80
@@ -173,6 +178,20 @@ class DynamicStage(nn.Module):
   scale_clamp: float = AUTHORS_SCALE_CLAMP
   symmetric_clamp: bool = False
   dtype: Any = jnp.float32
+
+
+# The names of the fields above.
+STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StageFields)
+                     if f.name not in ("parent", "name"))
+
+
+class DynamicStage(StageFields):
+  """One stage: ``(roi [B, N, S, S, C], x [B, N, D], boxes [B, N, 4])`` ->
+  ``(logits [B, N, num_classes], new_boxes [B, N, 4], x' [B, N, D])``.
+
+  ``new_boxes`` (float32, xyxy, input pixels) carry the gradient of the
+  offsets; the caller stops it before the next stage.
+  """
 
   @nn.compact
   def __call__(self, roi, x, boxes, *, train: bool = False):
