@@ -35,16 +35,10 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from jdet.data import builder
+from jdet.inference import define_predictor_flags
 
-builder.put_configs_on_path()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory of train.py (its checkpoints)")
-_WEIGHTS = flags.DEFINE_string("weights", None, "weights file instead of --workdir's checkpoints")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_PREDICTOR = define_predictor_flags()  # --config, --workdir or --weights, --step
 _OUT = flags.DEFINE_string("out", "predictions", "output folder")
 _SCORE = flags.DEFINE_float("score_threshold", 0.3, "leave out detections scoring below this")
 _TTA = flags.DEFINE_bool("tta", False, "the config's test-time augmentation (SSD, RefineDet)")
@@ -111,23 +105,13 @@ def _describe(result) -> str:
 def main(argv) -> None:
   logging.getLogger().setLevel(logging.INFO)
   from jdet import viz
-  from jdet.inference import ImageReadError, Predictor
+  from jdet.inference import ImageReadError
   from jdet.metrics import ProgressBar
 
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required")
-  if bool(_WORKDIR.value) == bool(_WEIGHTS.value):
-    raise app.UsageError("give --workdir (a train.py run) or --weights (a weights file)")
   files, problems = expand_inputs(argv[1:])
   if not files and not problems:
     raise app.UsageError("give the images: files, folders or globs after the flags")
-
-  kwargs = dict(tta=_TTA.value, score_threshold=_SCORE.value, batch_size=_BATCH.value)
-  if _WORKDIR.value:
-    predictor = Predictor.from_workdir(config, _WORKDIR.value, step=_STEP.value, **kwargs)
-  else:
-    predictor = Predictor.from_weights(config, _WEIGHTS.value, **kwargs)
+  predictor = _PREDICTOR(tta=_TTA.value, score_threshold=_SCORE.value, batch_size=_BATCH.value)
 
   out = _OUT.value
   os.makedirs(out, exist_ok=True)

@@ -191,37 +191,23 @@ def export_predictor(predictor, path: str | os.PathLike, *, batch_size: int = 1,
 
 def _main() -> None:
   from absl import app, flags
-  from ml_collections import config_flags
 
-  from jdet.data import builder
-  builder.put_configs_on_path()
-  config_flag = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
-                                                lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "run directory of train.py (its checkpoints)")
-  weights = flags.DEFINE_string("weights", None, "weights file instead of --workdir's checkpoints")
-  step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  from jdet.inference import define_predictor_flags
+  predictor_from_flags = define_predictor_flags()
   out = flags.DEFINE_string("out", None, "the file to write (e.g. model.jdet)")
   batch = flags.DEFINE_integer("batch_size", 1, "images per call of the exported function")
   score = flags.DEFINE_float("score_threshold", 0.3,
                              "the loader's default threshold (it can change it)")
   plats = flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                             "platforms to lower for (cpu, cuda, rocm, tpu)")
-  flags.mark_flags_as_required(["config", "out"])
+  flags.mark_flags_as_required(["out"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jdet import parallel
-    from jdet.inference import Predictor
-    if (workdir.value is None) == (weights.value is None):
-      raise app.UsageError("give exactly one of --workdir and --weights")
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    if weights.value is not None:
-      predictor = Predictor.from_weights(config_flag.value, weights.value, mesh=mesh,
-                                         score_threshold=score.value)
-    else:
-      predictor = Predictor.from_workdir(config_flag.value, workdir.value, step=step.value,
-                                         mesh=mesh, score_threshold=score.value)
+    predictor = predictor_from_flags(mesh=parallel.make_mesh(jax.devices()[:1]),
+                                     score_threshold=score.value)
     meta = export_predictor(predictor, out.value, batch_size=batch.value,
                             platforms=plats.value)
     size = os.path.getsize(out.value)

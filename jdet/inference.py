@@ -352,6 +352,35 @@ class Predictor:
                            image_size=(int(size[0]), int(size[1])), file=file)
 
 
+def define_predictor_flags() -> Callable[..., Predictor]:
+  """Defines the absl flags that name a trained detector, for programs such as
+  ``predict.py`` and ``python -m jdet.export``: ``--config`` (a config file
+  and variant), ``--workdir`` (a ``train.py`` run; ``--step``, default the
+  latest) or ``--weights`` (a weights file). Returns ``build(**kwargs)``, which
+  makes the :class:`Predictor` they name (``kwargs`` go to its constructor).
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  builder.put_configs_on_path()
+  config = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "run directory of train.py (its checkpoints)")
+  weights = flags.DEFINE_string("weights", None, "weights file instead of --workdir's checkpoints")
+  step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+
+  def build(**kwargs) -> Predictor:
+    if config.value is None:
+      raise app.UsageError("--config is required")
+    if bool(workdir.value) == bool(weights.value):
+      raise app.UsageError("give --workdir (a train.py run) or --weights (a weights file)")
+    if workdir.value:
+      return Predictor.from_workdir(config.value, workdir.value, step=step.value, **kwargs)
+    return Predictor.from_weights(config.value, weights.value, **kwargs)
+
+  return build
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _model_predict(model, variables, batch):
   """The model's ``predict`` (one compiled program per model and input shape)."""
