@@ -50,8 +50,8 @@ import cv2
 import jax
 import numpy as np
 
-__all__ = ["ExportedDetector", "ExportedFileError", "FORMAT", "FORMAT_VERSION", "INPUTS",
-           "OUTPUTS", "module_name", "preprocess"]
+__all__ = ["ExportedDetector", "ExportedFileError", "ImageReadError", "FORMAT", "FORMAT_VERSION",
+           "INPUTS", "OUTPUTS", "module_name", "preprocess", "read_image", "to_rgb8"]
 
 FORMAT = "jdet-exported-detector"
 FORMAT_VERSION = 1
@@ -81,11 +81,22 @@ def module_name(canvas: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------
 
 
+class ImageReadError(ValueError):
+  """An input image that cannot be used; the message names the file and the reason."""
+
+  def __init__(self, file: str, reason: str):
+    self.file, self.reason = file, reason
+    super().__init__(f"{file}: {reason}")
+
+
 def to_rgb8(image: Any, *, file: str = "array") -> np.ndarray:
-  """An image array -> ``[H, W, 3]`` uint8 RGB, as :func:`jdet.inference.to_rgb8` does it.
+  """An image array -> ``[H, W, 3]`` uint8 RGB (also :func:`jdet.inference.to_rgb8`).
 
   ``[H, W]`` / ``[H, W, 1]`` greyscale and ``[H, W, 4]`` RGBA are accepted; other
   dtypes than uint8 are taken as 0..255, or 0..1 when every value is within it.
+
+  Raises:
+    ImageReadError: not a 2-D image with 1, 3 or 4 channels, empty, or not finite.
   """
   a = np.asarray(image)
   if a.ndim == 3 and a.shape[-1] == 1:
@@ -95,16 +106,16 @@ def to_rgb8(image: Any, *, file: str = "array") -> np.ndarray:
   elif a.ndim == 3 and a.shape[-1] == 4:
     a = a[..., :3]
   if a.ndim != 3 or a.shape[-1] != 3:
-    raise ValueError(f"{file}: expected an [H, W, 3], [H, W, 4] or [H, W] image, got shape "
-                     f"{np.shape(image)}")
+    raise ImageReadError(file, f"expected an [H, W, 3], [H, W, 4] or [H, W] image, got shape "
+                               f"{np.shape(image)}")
   if a.shape[0] < 1 or a.shape[1] < 1:
-    raise ValueError(f"{file}: empty image of shape {np.shape(image)}")
+    raise ImageReadError(file, f"empty image of shape {np.shape(image)}")
   if a.dtype != np.uint8:
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-      raise ValueError(f"{file}: pixels of dtype {a.dtype} are not numbers")
+      raise ImageReadError(file, f"pixels of dtype {a.dtype} are not numbers")
     f = a.astype(np.float64)
     if not np.all(np.isfinite(f)):
-      raise ValueError(f"{file}: the image has NaN or infinite pixels")
+      raise ImageReadError(file, "the image has NaN or infinite pixels")
     if np.issubdtype(a.dtype, np.floating) and f.min() >= 0.0 and f.max() <= 1.0:
       f = f * 255.0
     a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
@@ -134,9 +145,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         return to_rgb8(np.asarray(im.convert("RGBA"))[:, :, :3], file=file)
       return to_rgb8(np.asarray(im.convert("RGB")), file=file)
   except FileNotFoundError:
-    raise ValueError(f"{file}: no such file") from None
+    raise ImageReadError(file, "no such file") from None
   except OSError as e:
-    raise ValueError(f"{file}: cannot be read as an image ({e})") from None
+    raise ImageReadError(file, f"cannot be read as an image ({e})") from None
 
 
 def _resized_size(size: tuple[int, int], resize: dict) -> tuple[int, int]:

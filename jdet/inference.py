@@ -52,20 +52,14 @@ from jdet import parallel
 from jdet.class_names import read_class_names
 from jdet.data import builder, pipeline
 from jdet.data.records import Example, SkipLog, empty_annotations
+# The one home of the image checks, shared with the standalone loader of exported files.
+from jdet.exported import ImageReadError, to_rgb8
 
 __all__ = ["Predictor", "ImageDetections", "ImageReadError", "load_config", "to_rgb8"]
 
 log = logging.getLogger(__name__)
 
 ImageInput = Any  # str | os.PathLike | np.ndarray
-
-
-class ImageReadError(ValueError):
-  """An input image that cannot be used; the message names the file and the reason."""
-
-  def __init__(self, file: str, reason: str):
-    self.file, self.reason = file, reason
-    super().__init__(f"{file}: {reason}")
 
 
 @dataclasses.dataclass
@@ -118,36 +112,6 @@ def load_config(config: Any):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if sep else module.get_config()
-
-
-def to_rgb8(image: np.ndarray, *, file: str = "array") -> np.ndarray:
-  """An image array -> ``[H, W, 3]`` uint8 RGB (see the module doc for what is accepted).
-
-  Raises:
-    ImageReadError: not a 2-D image with 1, 3 or 4 channels, empty, or not finite.
-  """
-  a = np.asarray(image)
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    a = np.stack([a] * 3, axis=-1)
-  elif a.ndim == 3 and a.shape[-1] == 4:
-    a = a[..., :3]
-  if a.ndim != 3 or a.shape[-1] != 3:
-    raise ImageReadError(file, f"expected an [H, W, 3], [H, W, 4] or [H, W] image, got shape "
-                               f"{np.shape(image)}")
-  if a.shape[0] < 1 or a.shape[1] < 1:
-    raise ImageReadError(file, f"empty image of shape {np.shape(image)}")
-  if a.dtype != np.uint8:
-    if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-      raise ImageReadError(file, f"pixels of dtype {a.dtype} are not numbers")
-    f = a.astype(np.float64)
-    if not np.all(np.isfinite(f)):
-      raise ImageReadError(file, "the image has NaN or infinite pixels")
-    if np.issubdtype(a.dtype, np.floating) and f.min() >= 0.0 and f.max() <= 1.0:
-      f = f * 255.0
-    a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
-  return np.ascontiguousarray(a)
 
 
 class _Images:
