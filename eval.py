@@ -89,9 +89,10 @@ def main(argv) -> None:
     bar.close()
   if jax.process_index() != 0:
     return
-  # Distinct images and boxes skipped or fixed while reading (in this process; data
-  # workers, with data.num_workers > 0, warn on their own).
+  # Distinct images and boxes skipped or fixed while reading: this process's and
+  # those its reading workers sent with the batches (data.num_workers > 0).
   report = records.DataReport()
+  report.add(result.data_notes)
   report.add(records.drain_notes())
   metrics = dict(result.metrics, step=step, split=_SPLIT.value,
                  seconds=round(time.time() - t0, 1),

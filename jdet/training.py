@@ -333,6 +333,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
     result = eval_loop.evaluate_split(
         model, state.variables, config.data, mesh=mesh, metrics=eval_metrics_cfg,
         max_images=int(tc.get("eval_max_images", 0)), predict_fn=predict_fn)
+    accounting.report.add(result.data_notes)  # the evaluation's reading workers' skips
     return result.metrics
 
   # --- Loop ----------------------------------------------------------------------

@@ -470,17 +470,21 @@ class _PadTo:
 
 
 def eval_batches(source: DetectionSource, transform: Transform, *, batch_size: int,
-                 shard_index: int = 0, num_shards: int = 1,
-                 num_workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 shard_index: int = 0, num_shards: int = 1, num_workers: int = 0,
+                 data_notes: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's share of ``source``, in order, every batch full.
 
   The last batch is completed with filler images (``valid=False``, ``image_id``
   0) so that the step compiles once and every real image is seen exactly once.
+  ``data_notes`` adds :data:`NOTES_KEY` to every batch, as for training: the
+  skips and fixes of the process (a worker's, with ``num_workers > 0``) that
+  made it.
   """
   ds = _shard(grain.MapDataset.source(source), shard_index, num_shards)
   ds = ds.map(_Prepare(transform))
   it = ds.to_iter_dataset(_read_options(batch_size, batched=False))
   it = it.batch(batch_size, drop_remainder=False).map(_PadTo(batch_size))
+  it = it.map(_AttachNotes()) if data_notes else it
   return iter(_maybe_workers(it, num_workers))
 
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jdet import parallel
-from jdet.data import builder, pipeline
+from jdet.data import builder, pipeline, records
 from jdet.data.records import DetectionSource
 from jdet.evaluation.coco import CocoEvaluator
 from jdet.evaluation.voc import VocEvaluator
@@ -68,6 +68,9 @@ class EvalResult:
       ``labels``, ``valid``, ``image_id``.
     class_names: the split's classes.
     detections: the COCO-format results (process 0, with "coco" metrics).
+    data_notes: the images and boxes skipped or fixed while this process's
+      batches were read (:func:`jdet.data.records.drain_notes` tuples, from the
+      reading workers too); add them to a :class:`~jdet.data.records.DataReport`.
   """
 
   metrics: dict[str, Any]
@@ -75,6 +78,7 @@ class EvalResult:
   examples: list[dict[str, np.ndarray]]
   class_names: tuple[str, ...]
   detections: list[dict[str, Any]] | None = None
+  data_notes: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
 
 
 def make_predict_fn(model) -> Callable:
@@ -92,7 +96,7 @@ def _batches(source, transform, *, local_batch: int, num_batches: int,
              num_workers: int) -> Iterator[dict[str, np.ndarray]]:
   it = pipeline.eval_batches(source, transform, batch_size=local_batch,
                              shard_index=jax.process_index(), num_shards=jax.process_count(),
-                             num_workers=num_workers)
+                             num_workers=num_workers, data_notes=True)
   last = None
   for batch in itertools.islice(it, num_batches):
     last = batch
@@ -159,7 +163,11 @@ def evaluate_split(model, variables, data_config, *, mesh, split: str = "val",
   examples: list[dict[str, np.ndarray]] = []
   batches = _batches(source, transform, local_batch=local_batch, num_batches=num_batches,
                      num_workers=int(data_config.num_workers))
+  notes: list[tuple[str, ...]] = []
   for i, batch in enumerate(batches):
+    encoded = batch.pop(pipeline.NOTES_KEY, None)
+    if encoded is not None:
+      notes.extend(records.decode_notes(str(encoded)))
     detections = predict_fn(variables, parallel.shard_batch(batch, mesh))
     detections = parallel.gather_to_host(detections)
     info = parallel.gather_to_host(parallel.shard_batch(
@@ -192,4 +200,5 @@ def evaluate_split(model, variables, data_config, *, mesh, split: str = "val",
     out["VOC07_per_class"] = voc["per_class"]
     curves["voc"] = evaluators["voc"].pr_curves()
   return EvalResult(metrics=out, pr_curves=curves, examples=examples, class_names=class_names,
-                    detections=evaluators["coco"].results() if "coco" in evaluators else None)
+                    detections=evaluators["coco"].results() if "coco" in evaluators else None,
+                    data_notes=notes)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jdet
 from jdet import training
 from jdet.data import builder, images, pipeline, records
 from jdet.data.coco import CocoSource
@@ -101,6 +102,31 @@ def test_a_worker_processs_skips_reach_the_training_process(tmp_path, group_by_a
   here = records.drain_notes()
   assert bool(here) == group_by_aspect
   assert all(os.path.basename(n[3]) in ("0000.png", "0011.png") for n in here)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_evaluation_returns_the_skips_of_its_reading_workers(tmp_path, num_workers):
+  from jdet import parallel
+  from jdet.evaluation import loop
+  ann_file, image_dir = _coco_set(tmp_path)
+  config = ssd300_config.get_config("smoke")
+  config.data.val = _coco_split(ann_file, image_dir)
+  config.data.update(num_workers=num_workers, eval_batch_size=4)
+  model = jdet.build_model(config.model_name, **config.model)
+  size = int(config.model.image_size)
+  variables = model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
+  records.drain_notes()
+  result = loop.evaluate_split(model, variables, config.data,
+                               mesh=parallel.make_mesh(jax.devices()[:1]))
+  report = DataReport()
+  report.add(result.data_notes)
+  report.add(records.drain_notes())  # what this process noted outside the batches
+  decoded = {(os.path.basename(n[3]), f"{n[1]}: {n[2]}") for n in report.items()}
+  assert decoded == {("0011.png", "skipped: unreadable image"),
+                     ("0000.png", "fixed: L (greyscale) image converted to RGB")}, decoded
+  if num_workers:  # decoding happened in the worker: the notes came inside the batches
+    assert len(result.data_notes) == 2
+  assert "AP" in result.metrics
 
 
 def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog):
