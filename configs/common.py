@@ -58,7 +58,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jdet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from jdet.data.transforms import CROP_SCALES, CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["parse_variant", "data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
            "ssd_augment", "rcnn_augment", "custom_config", "CUSTOM_OPTIONS"]
@@ -253,7 +253,9 @@ def rcnn_augment(scales: Sequence[Sequence[int]] = ((800, 1333),),
                  test_scale: Sequence[int] | None = None,
                  buckets: Sequence[Sequence[int]] | None = None, flip_prob: float = 0.5,
                  mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> ConfigDict:
+                 std: Sequence[float] = IMAGENET_STD, crop: bool = False,
+                 crop_scales: Sequence[Sequence[int]] = CROP_SCALES,
+                 crop_size: Sequence[int] = CROP_SIZE, crop_prob: float = 0.5) -> ConfigDict:
   """The Faster / Sparse R-CNN recipe (``jdet.data.transforms.rcnn_train_transforms`` & eval).
 
   Args:
@@ -264,6 +266,11 @@ def rcnn_augment(scales: Sequence[Sequence[int]] = ((800, 1333),),
     buckets: ``(H, W)`` sizes to pad to instead of ``canvas`` (the smallest that fits).
     flip_prob: horizontal flip probability in training.
     mean, std: normalisation, per RGB channel in 0..255 units.
+    crop, crop_scales, crop_size, crop_prob: the crop branch (off by default;
+      Sparse R-CNN's 300-proposal recipe): with probability ``crop_prob`` an
+      image is resized to one of ``crop_scales``, cropped to a random size in
+      ``crop_size`` pixels a side, then resized as the others. A crop can turn
+      an image's orientation: pad to a square ``canvas``, not to ``buckets``.
   """
   scales = tuple((int(s), int(l)) for s, l in scales)
   if test_scale is None:
@@ -272,7 +279,9 @@ def rcnn_augment(scales: Sequence[Sequence[int]] = ((800, 1333),),
       recipe="rcnn", scales=scales, mode=mode, test_scale=tuple(int(v) for v in test_scale),
       canvas=None if canvas is None else tuple(int(v) for v in canvas),
       buckets=None if buckets is None else tuple(tuple(int(v) for v in b) for b in buckets),
-      flip_prob=flip_prob, mean=tuple(mean), std=tuple(std)))
+      flip_prob=flip_prob, mean=tuple(mean), std=tuple(std), crop=bool(crop),
+      crop_scales=tuple(tuple(int(v) for v in s) for s in crop_scales),
+      crop_size=tuple(int(v) for v in crop_size), crop_prob=float(crop_prob)))
 
 
 # ----------------------------------------------------------------------------

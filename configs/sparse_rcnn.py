@@ -73,10 +73,6 @@ COCO_CANVAS = (1344, 1344)
 COCO_BUCKETS = ((832, 1344), (1344, 832))
 # The authors' multi-scale training: shorter side one of 480, 512, ..., 800.
 MULTI_SCALES = tuple((s, 1333) for s in range(480, 801, 32))
-# The 300-proposal model's crop branch (DETR's): shorter side one of 400, 500, 600, then a
-# crop of 384..600 pixels a side, then the multi-scale resize; half of the images.
-CROP_SCALES = ((400, 1333), (500, 1333), (600, 1333))
-CROP_SIZE = (384, 600)
 
 
 def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
@@ -122,13 +118,13 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -
     scale = 16 / batch
     num_steps = round(270_000 * scale)
     config.optim = optim(lr=2.5e-5, milestones=(round(210_000 * scale), round(250_000 * scale)))
-  # The 300-proposal model's crop can change an image's orientation: one square canvas.
+  # The 300-proposal model's crop branch (DETR's, the recipe's defaults: shorter side one
+  # of 400, 500, 600, a crop of 384..600 pixels a side, then the multi-scale resize, for
+  # half of the images) can change an image's orientation: one square canvas.
   crop = proposals == 300
   transforms = common.rcnn_augment(scales, canvas=COCO_CANVAS,
                                    buckets=None if crop else COCO_BUCKETS, mode=mode,
-                                   test_scale=(800, 1333))
-  if crop:
-    transforms.update(crop=True, crop_scales=CROP_SCALES, crop_size=CROP_SIZE, crop_prob=0.5)
+                                   test_scale=(800, 1333), crop=crop)
   config.data = common.data_config(
       common.coco_data(options.get("root", "data/coco"), train_keep_empty=not one_x),
       transforms, batch_size=batch, eval_batch_size=batch, num_workers=8,
