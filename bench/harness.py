@@ -407,12 +407,15 @@ def parse_hw(text: str) -> tuple[int, int]:
   return h, w
 
 
-def side_by_side_parser(doc: str, *, iters: int = 3, warmup: int = 1) -> argparse.ArgumentParser:
-  """The flags every jdet-against-a-reference program takes: ``--device`` (torch's),
-  ``--dtype``, ``--iters``, ``--warmup`` and ``--out``; add the program's own to it."""
+def side_by_side_parser(doc: str, *, iters: int = 3, warmup: int = 1,
+                        torch_device: bool = True) -> argparse.ArgumentParser:
+  """The flags every jdet-against-a-reference program takes: ``--device`` (torch's;
+  not for a jdet-only program), ``--dtype``, ``--iters``, ``--warmup`` and ``--out``;
+  add the program's own to it."""
   parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="torch's device (JAX uses its default backend)")
+  if torch_device:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="torch's device (JAX uses its default backend)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--iters", type=int, default=iters, help="timed calls per case (median)")
   parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first (>= 1)")

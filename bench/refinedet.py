@@ -126,7 +126,7 @@ def suite(profile: str, dtype: str, device) -> list[Case]:
 
 
 def main() -> None:
-  parser = side_by_side_parser(__doc__, iters=5, warmup=2)  # --device is not used: jdet only
+  parser = side_by_side_parser(__doc__, iters=5, warmup=2, torch_device=False)  # jdet only
   parser.add_argument("--models", default="ssd300,refinedet320,ssd512,refinedet512",
                       help="config names under configs/, comma separated")
   parser.add_argument("--train-batches", type=parse_ints, default=[8])
