@@ -17,7 +17,6 @@ Shapes: B images, A anchors, M padded ground-truth boxes, C foreground classes
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -32,8 +31,7 @@ from jdet.detections import Detections
 from jdet.models.detector import encode_positives, finalize_detections
 from jdet.ops.nms import multiclass_nms
 
-__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields",
-           "MULTIBOX_FIELDS", "BOX_STDS"]
+__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields", "BOX_STDS"]
 
 # SSD's "variances": centre offsets are divided by 0.1, log sizes by 0.2.
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)
@@ -74,11 +72,6 @@ class MultiBoxFields(nn.Module):
                                pre_nms_top_k=self.pre_nms_top_k,
                                nms_threshold=self.nms_threshold,
                                max_detections=self.max_detections)
-
-
-# The names of the fields above.
-MULTIBOX_FIELDS = tuple(f.name for f in dataclasses.fields(MultiBoxFields)
-                        if f.name not in ("parent", "name"))
 
 
 # ----------------------------------------------------------------------------
