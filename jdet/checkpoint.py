@@ -56,7 +56,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import warnings

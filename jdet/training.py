@@ -33,7 +33,6 @@ The config is checked first (:func:`check_config`), before anything is built.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -192,8 +191,8 @@ def _check_finite(history: list[tuple[int, dict[str, float]]], *, last_saved: in
     if not m.get("finite", 1.0):
       terms = ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k not in ("finite",))
       if last_saved is None:
-        saved = (f"no checkpoint was saved before it, so starting again begins at step 0 "
-                 f"(train.checkpoint_every sets how often one is saved)")
+        saved = ("no checkpoint was saved before it, so starting again begins at step 0 "
+                 "(train.checkpoint_every sets how often one is saved)")
       else:
         saved = f"checkpoint {last_saved} in {directory} holds the last good state"
       raise NonFiniteLossError(

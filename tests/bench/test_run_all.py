@@ -56,6 +56,18 @@ def test_peak_table():
   assert flops == 123e12
 
 
+def test_text_table_aligns_formats_and_blanks_missing_values():
+  rows = [dict(case="train", batch=8, ms=1234.567, ratio=0.5),
+          dict(case="inference", batch=16, ms=9.0, ratio=None)]
+  table = harness.text_table(rows, [("case", "case", ""), ("batch", "batch", ""),
+                                    ("jdet ms", "ms", ".0f"), ("jdet/tv", "ratio", ".2f")])
+  # Hand-written: first column left-aligned, the others right-aligned, two spaces apart.
+  assert table.splitlines() == ["case       batch  jdet ms  jdet/tv",
+                                "train          8     1235     0.50",
+                                "inference     16        9"]
+  assert harness.parse_ints("1,8,") == [1, 8] and harness.parse_hw("384,640") == (384, 640)
+
+
 def test_plan_iters_shares_what_is_spare():
   # 100 s left, the later cases need 40 s, 3 cases left (this one included): 20 s each.
   assert run_all.plan_iters(100.0, 40.0, 3, 2.0, max_iters=50) == 10

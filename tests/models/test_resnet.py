@@ -29,7 +29,7 @@ from jdet import optim, parallel
 from jdet.convert import resnet_params
 from jdet.models.backbones.resnet import ResNet
 from jdet.train_state import TrainState
-from tests.helpers import (assert_close, numpy_variables, photo_batch, randomize_norms,
+from tests.helpers import (assert_close, numpy_variables, photo_batch,
                            state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
 
 
