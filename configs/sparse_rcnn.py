@@ -98,7 +98,8 @@ def optim(*, lr: float, milestones, warmup_steps: int = 1000,
       name="adamw", lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
       decay_bias_and_norm=True, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
       schedule="step", warmup_steps=warmup_steps, warmup_factor=warmup_factor,
-      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=()))
+      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=(),
+      lr_mult=dict(backbone=1.0, neck=1.0)))
 
 
 def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -> None:

@@ -20,7 +20,15 @@ The chain is::
     train:  clip_by_global_norm        # optim.clip_norm, the norm of trained params only
             -> sgd or adamw (decay masked to ndim > 1 unless decay_bias_and_norm)
             -> scale_by_learning_rate(schedule)
+            -> scale_by_pattern(lr_mult)   # optim.lr_mult, when given
     frozen: set_to_zero                # no update and no decay
+
+``lr_mult`` (optional) maps path prefixes to learning-rate multipliers, as
+MMDetection's ``paramwise_cfg.custom_keys`` ``lr_mult`` and DETR's backbone
+rate: ``{"backbone": 4.0, "neck": 4.0}`` trains the body at four times the
+rate of the rest. The multiplier scales the whole update, so a decoupled
+(AdamW) decay scales with it, as in a torch parameter group with its own
+``lr``.
 
 Every mask is a function of the parameter tree that ``tx.init`` receives, so
 the transformation is built before the model is initialised.
@@ -47,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["SCHEDULES", "OPTIMIZERS", "build_schedule", "build_optimizer", "param_labels",
-           "param_path"]
+           "param_path", "lr_multipliers", "scale_by_pattern"]
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -195,6 +203,66 @@ def param_labels(params: Any, freeze: Sequence[str] | str | None) -> Any:
   return labels
 
 
+def _lr_mult_items(lr_mult: Any) -> list[tuple[str, float]]:
+  """``optim.lr_mult`` (a mapping, empty or None) as checked ``(prefix, factor)`` pairs."""
+  if not lr_mult:
+    return []
+  if not hasattr(lr_mult, "items"):
+    raise ValueError(f"optim.lr_mult must map parameter path prefixes to numbers, got {lr_mult!r}")
+  items = []
+  for prefix, factor in lr_mult.items():
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+      raise ValueError(f"optim.lr_mult.{prefix} must be a number >= 0, got {factor!r}")
+    items.append((str(prefix), float(factor)))
+  return items
+
+
+def lr_multipliers(params: Any, lr_mult: Any) -> Any:
+  """The learning-rate multiplier of every parameter: a tree of floats like ``params``.
+
+  A parameter whose path (``"backbone/layer1_0/conv1/kernel"``) starts with a
+  key of ``lr_mult`` gets that key's factor, every other parameter 1. A
+  parameter that two keys match, or a key that matches no parameter, is an
+  error (a typo would otherwise train at the wrong rate unnoticed).
+  """
+  items = _lr_mult_items(lr_mult)
+  used = set()
+
+  def factor(path, _):
+    name = param_path(path)
+    hits = [(prefix, f) for prefix, f in items if name.startswith(prefix)]
+    if len(hits) > 1:
+      raise ValueError(f"optim.lr_mult keys {[h[0] for h in hits]} all match parameter {name}")
+    used.update(h[0] for h in hits)
+    return hits[0][1] if hits else 1.0
+
+  factors = jax.tree_util.tree_map_with_path(factor, params)
+  unused = [prefix for prefix, _ in items if prefix not in used]
+  if unused:
+    names = sorted({param_path(p).split("/")[0]
+                    for p, _ in jax.tree_util.tree_leaves_with_path(params)})
+    raise ValueError(f"optim.lr_mult keys {unused} match no trained parameter; the "
+                     f"parameters' top-level names are {names}")
+  return factors
+
+
+def scale_by_pattern(lr_mult: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's :func:`lr_multipliers` factor."""
+  _lr_mult_items(lr_mult)  # fail at build time on a bad value
+
+  def init(params):
+    lr_multipliers(params, lr_mult)  # fail at init on a key that matches nothing
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    factors = lr_multipliers(updates, lr_mult)
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype),
+                        updates, factors), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def _decay_mask(params: Any) -> Any:
   """True for parameters with ``ndim > 1`` (kernels), False for biases and norm scales."""
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
@@ -208,7 +276,8 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
     cfg: the ``optim`` section: the schedule's fields (:func:`build_schedule`),
       ``name`` (one of :data:`OPTIMIZERS`), ``weight_decay``,
       ``decay_bias_and_norm``, ``clip_norm`` (0 or None: off), ``freeze``
-      (regexps of frozen parameter paths); ``momentum`` and ``nesterov`` for
+      (regexps of frozen parameter paths), optionally ``lr_mult`` (path
+      prefix -> learning-rate multiplier); ``momentum`` and ``nesterov`` for
       ``sgd``; ``b1``, ``b2``, ``eps`` for ``adamw``.
     total_steps: the length of the run, for the schedule.
     frozen: more regexps of frozen parameters: the model's own
@@ -234,6 +303,8 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
     freeze = (freeze,)
   freeze = tuple(freeze or ()) + tuple(frozen)
   _compile_freeze(freeze)  # fail now on a bad pattern, not at init
+  lr_mult = getattr(cfg, "lr_mult", None)  # optional: configs written before it lack it
+  _lr_mult_items(lr_mult)
 
   decay_mask = None if decay_bias_and_norm else _decay_mask
   decay = ([optax.add_decayed_weights(weight_decay, mask=decay_mask)] if weight_decay > 0 else [])
@@ -255,6 +326,8 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     parts += decay  # decoupled: lr * wd * p, added to the Adam direction
   parts.append(optax.scale_by_learning_rate(schedule))
+  if _lr_mult_items(lr_mult):
+    parts.append(scale_by_pattern(lr_mult))
   train = optax.chain(*parts)
 
   if not freeze:

@@ -217,3 +217,60 @@ def test_missing_field_and_unmatched_freeze_pattern(rng):
   tx, _ = optim.build_optimizer(_cfg(freeze=("backbone/stem",)), total_steps=10)
   with pytest.raises(ValueError, match="optim.freeze"):
     tx.init(_params(rng))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_lr_mult_matches_torch_param_groups(rng, name):
+  # The body at 4x, its conv1 frozen, clipping on: torch with one group per rate.
+  cfg = _cfg(name=name, lr=1e-2, schedule="cosine", warmup_steps=1, warmup_factor=0.1,
+             weight_decay=0.05, clip_norm=3.0, freeze=(r"^backbone/conv1/",),
+             lr_mult={"backbone": 4.0, "head/bias": 0.5})
+  tx, schedule = optim.build_optimizer(cfg, total_steps=5)
+  params = _params(rng)
+  grads = _grads(rng, params, 5)
+  ours = _run_optax(tx, params, grads)
+  lrs = [float(schedule(i)) for i in range(5)]
+  t = {k: torch.tensor(np.array(v), requires_grad=True)
+       for k, v in (("bn", params["backbone"]["bn"]["scale"]), ("kernel", params["head"]["kernel"]),
+                    ("bias", params["head"]["bias"]))}
+  groups = [{"params": [t["bn"]], "mult": 4.0}, {"params": [t["kernel"]], "mult": 1.0},
+            {"params": [t["bias"]], "mult": 0.5}]
+  if name == "adamw":
+    opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+  else:
+    opt = torch.optim.SGD(groups, lr=1e-2, momentum=0.9, weight_decay=0.05)
+  for g, lr in zip(grads, lrs):
+    for group in opt.param_groups:
+      group["lr"] = lr * group["mult"]
+    t["bn"].grad = torch.tensor(np.array(g["backbone"]["bn"]["scale"]))
+    t["kernel"].grad = torch.tensor(np.array(g["head"]["kernel"]))
+    t["bias"].grad = torch.tensor(np.array(g["head"]["bias"]))
+    torch.nn.utils.clip_grad_norm_(list(t.values()), 3.0)  # the frozen conv1 does not count
+    opt.step()
+  np.testing.assert_allclose(ours["backbone"]["bn"]["scale"], t["bn"].detach().numpy(),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours["head"]["kernel"], t["kernel"].detach().numpy(),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours["head"]["bias"], t["bias"].detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(ours["backbone"]["conv1"]["kernel"],
+                                params["backbone"]["conv1"]["kernel"])
+  factors = optim.lr_multipliers(params, cfg.lr_mult)
+  assert factors["backbone"]["conv1"]["kernel"] == 4.0 and factors["head"]["bias"] == 0.5
+  assert factors["head"]["kernel"] == 1.0
+
+
+def test_lr_mult_errors_name_the_field(rng):
+  params = _params(rng)
+  with pytest.raises(ValueError, match=r"optim.lr_mult.backbone must be a number"):
+    optim.build_optimizer(_cfg(lr_mult={"backbone": "fast"}), total_steps=10)
+  tx, _ = optim.build_optimizer(_cfg(lr_mult={"backbon3": 2.0}), total_steps=10)
+  with pytest.raises(ValueError, match=r"optim.lr_mult keys \['backbon3'\] match no"):
+    tx.init(params)
+  with pytest.raises(ValueError, match="all match parameter backbone/bn/scale"):
+    optim.lr_multipliers(params, {"backbone": 2.0, "backbone/bn": 3.0})
+  # Without the field (configs written before it), every rate is the base rate.
+  cfg = _cfg(name="sgd", momentum=0.0)
+  tx, _ = optim.build_optimizer(cfg, total_steps=1)
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  jax.tree.map(lambda u: np.testing.assert_allclose(np.asarray(u), -0.1), updates)
