@@ -326,7 +326,9 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     parts += decay  # decoupled: lr * wd * p, added to the Adam direction
   parts.append(optax.scale_by_learning_rate(schedule))
-  if _lr_mult_items(lr_mult):
+  if any(factor != 1.0 for _, factor in _lr_mult_items(lr_mult)):
+    # Only then: multipliers of 1 leave the optimiser state's structure as it
+    # was without the field, so checkpoints written before it still restore.
     parts.append(scale_by_pattern(lr_mult))
   train = optax.chain(*parts)
 

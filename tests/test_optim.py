@@ -274,3 +274,20 @@ def test_lr_mult_errors_name_the_field(rng):
   grads = jax.tree.map(np.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   jax.tree.map(lambda u: np.testing.assert_allclose(np.asarray(u), -0.1), updates)
+
+
+def test_lr_mult_of_one_keeps_the_state_structure(rng):
+  # Configs that carry the field at 1 restore checkpoints written before it existed.
+  params = _params(rng)
+  cfg = _cfg(name="adamw", weight_decay=0.01)
+  without, _ = optim.build_optimizer(cfg, total_steps=3)
+  ones, _ = optim.build_optimizer(_cfg(name="adamw", weight_decay=0.01,
+                                       lr_mult={"backbone": 1.0}), total_steps=3)
+  faster, _ = optim.build_optimizer(_cfg(name="adamw", weight_decay=0.01,
+                                         lr_mult={"backbone": 2.0}), total_steps=3)
+  structure = lambda tx: jax.tree.structure(tx.init(params))  # noqa: E731
+  assert structure(ones) == structure(without)
+  assert structure(faster) != structure(without)
+  grads = _grads(rng, params, 2)
+  jax.tree.map(np.testing.assert_array_equal, _run_optax(ones, params, grads),
+               _run_optax(without, params, grads))
