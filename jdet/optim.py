@@ -220,8 +220,10 @@ def _lr_mult_items(lr_mult: Any) -> list[tuple[str, float]]:
 def lr_multipliers(params: Any, lr_mult: Any) -> Any:
   """The learning-rate multiplier of every parameter: a tree of floats like ``params``.
 
-  A parameter whose path (``"backbone/layer1_0/conv1/kernel"``) starts with a
-  key of ``lr_mult`` gets that key's factor, every other parameter 1. A
+  A parameter whose path (``"backbone/layer1_0/conv1/kernel"``) is a key of
+  ``lr_mult`` or lies under one (whole path parts: ``"backbone"`` covers
+  ``backbone/...``, not ``backbone2/...``) gets that key's factor, every
+  other parameter 1. A
   parameter that two keys match, or a key that matches no parameter, is an
   error (a typo would otherwise train at the wrong rate unnoticed).
   """
@@ -230,7 +232,8 @@ def lr_multipliers(params: Any, lr_mult: Any) -> Any:
 
   def factor(path, _):
     name = param_path(path)
-    hits = [(prefix, f) for prefix, f in items if name.startswith(prefix)]
+    hits = [(prefix, f) for prefix, f in items
+            if name == prefix or name.startswith(prefix.rstrip("/") + "/")]
     if len(hits) > 1:
       raise ValueError(f"optim.lr_mult keys {[h[0] for h in hits]} all match parameter {name}")
     used.update(h[0] for h in hits)

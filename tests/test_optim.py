@@ -266,6 +266,9 @@ def test_lr_mult_errors_name_the_field(rng):
   tx, _ = optim.build_optimizer(_cfg(lr_mult={"backbon3": 2.0}), total_steps=10)
   with pytest.raises(ValueError, match=r"optim.lr_mult keys \['backbon3'\] match no"):
     tx.init(params)
+  # Whole path parts only: "back" is not a prefix of backbone's parameters.
+  with pytest.raises(ValueError, match=r"optim.lr_mult keys \['back'\] match no"):
+    optim.lr_multipliers(params, {"back": 2.0})
   with pytest.raises(ValueError, match="all match parameter backbone/bn/scale"):
     optim.lr_multipliers(params, {"backbone": 2.0, "backbone/bn": 3.0})
   # Without the field (configs written before it), every rate is the base rate.
