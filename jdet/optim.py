@@ -307,7 +307,7 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
   freeze = tuple(freeze or ()) + tuple(frozen)
   _compile_freeze(freeze)  # fail now on a bad pattern, not at init
   lr_mult = getattr(cfg, "lr_mult", None)  # optional: configs written before it lack it
-  _lr_mult_items(lr_mult)
+  lr_factors = [factor for _, factor in _lr_mult_items(lr_mult)]  # checked now, not at init
 
   decay_mask = None if decay_bias_and_norm else _decay_mask
   decay = ([optax.add_decayed_weights(weight_decay, mask=decay_mask)] if weight_decay > 0 else [])
@@ -329,7 +329,7 @@ def build_optimizer(cfg: Any, *, total_steps: int, frozen: Sequence[str] = ()
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     parts += decay  # decoupled: lr * wd * p, added to the Adam direction
   parts.append(optax.scale_by_learning_rate(schedule))
-  if any(factor != 1.0 for _, factor in _lr_mult_items(lr_mult)):
+  if any(factor != 1.0 for factor in lr_factors):
     # Only then: multipliers of 1 leave the optimiser state's structure as it
     # was without the field, so checkpoints written before it still restore.
     parts.append(scale_by_pattern(lr_mult))
