@@ -15,12 +15,17 @@ signal, so that a scheduler restarts the preempted job; 1 on an error.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
-from absl import app, flags
+# Keep freed host memory in the process (jdet/hostmem.py: a quarter of a CPU training
+# step went to zero-filling fresh pages); set before jdet imports jax. 0 turns it off.
+os.environ.setdefault("JDET_KEEP_HOST_MEMORY", "1")
 
-from jdet import cli
+from absl import app, flags  # noqa: E402
+
+from jdet import cli  # noqa: E402
 
 _CONFIG = cli.define_flags("run directory (checkpoints, metrics, eval)")
 

@@ -14,9 +14,15 @@ Public entry points::
 ``import jdet`` does not load the data pipeline.
 """
 
-from jdet import assign, boxes, losses, ops
-from jdet.detections import Detections
-from jdet.models import MODELS, build_model
+# Before jax: with ``JDET_KEEP_HOST_MEMORY=1`` the allocator keeps freed host memory
+# (jdet/hostmem.py; train.py and eval.py set it).
+from jdet import hostmem as _hostmem
+
+_hostmem.apply_from_environment()
+
+from jdet import assign, boxes, losses, ops  # noqa: E402
+from jdet.detections import Detections  # noqa: E402
+from jdet.models import MODELS, build_model  # noqa: E402
 
 __version__ = "0.1.0"
 
