@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(config_spec: str, batch_size: int | None, warmup: int, iters: int) -> dict:
-  """Times the step in this process (its allocator setting comes from the environment)."""
-  sys.path.insert(0, str(ROOT))
-  import jdet  # noqa: F401  first: applies JDET_KEEP_HOST_MEMORY before jax is imported
+  """Times the step in this process (its allocator setting comes from the environment and
+  was applied when ``__main__`` imported jdet, before anything imported jax)."""
   import resource
   import statistics
   import time
