@@ -85,6 +85,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=None, help="images per step (default: the config's)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parse_args(parser)
+  if args.dtype != "float32":  # the shared parser's flag; the config's model sets the dtype here
+    parser.error("--dtype: this program times the config's step as train.py runs it (float32)")
   if args.child:
     print(json.dumps(child(args.config, args.batch, args.warmup, args.iters)))
     return
