@@ -18,7 +18,7 @@ from jdet import optim
 from jdet.checkpoint import (CheckpointDamagedError, Checkpointer, CheckpointMismatchError,
                              StopRequest)
 from jdet.train_state import TrainState
-from tests.helpers import flip_bytes, largest_file, truncate_file
+from tests.helpers.faults import flip_bytes, largest_file, truncate_file
 
 
 def _state(seed: int) -> TrainState:

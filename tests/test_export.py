@@ -41,7 +41,8 @@ from jdet.export import export_predictor, preprocess_spec
 from jdet.exported import ExportedDetector, ExportedFileError
 from jdet.inference import Predictor, _config_class_names
 from jdet.models import build_model
-from tests.helpers import flip_bytes, numpy_variables, truncate_file
+from tests.helpers.faults import flip_bytes, truncate_file
+from tests.helpers.weights import numpy_variables
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = REPO / "jdet" / "exported.py"

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -34,23 +33,18 @@ from jdet import training
 from jdet.data.builder import ConfigError
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import (checkpoint_steps, flip_bytes, jax_compile_cache, largest_file,
-                           truncate_file)
+from tests.helpers.faults import flip_bytes, largest_file, truncate_file
+from tests.helpers.runs import (checkpoint_steps, jax_compile_cache, program_env, run_program,
+                                running)
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12  # of the kill -9 runs, a checkpoint at every step
 NOISE = "Event loop is closed"
 
 
 # A persistent compilation cache for this module's in-process runs and subprocesses.
 compile_cache = pytest.fixture(scope="module")(jax_compile_cache)
-
-
-def _env(cache_dir: str) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-              JAX_COMPILATION_CACHE_DIR=cache_dir)
 
 
 def _cmd(program: str, workdir, *overrides: str) -> list[str]:
@@ -62,13 +56,6 @@ def _cmd(program: str, workdir, *overrides: str) -> list[str]:
 def _kill_run_flags(num_steps: int = NUM_STEPS) -> list[str]:
   return [f"--config.train.num_steps={num_steps}", "--config.train.checkpoint_every=1",
           "--config.train.log_every=1", "--config.train.keep_checkpoints=2"]
-
-
-def _run(cmd, env, *, timeout: float = 300, expect: int | None = 0) -> subprocess.CompletedProcess:
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  if expect is not None:
-    assert proc.returncode == expect, f"{cmd[1]} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
-  return proc
 
 
 def _last_line(text: str) -> str:
@@ -123,7 +110,7 @@ def _assert_same_checkpoint(workdir, reference, step: int) -> None:
 def reference_run(tmp_path_factory, compile_cache):
   """An uninterrupted run of NUM_STEPS steps with a checkpoint at every step."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  _run(_cmd("train.py", workdir, *_kill_run_flags()), _env(compile_cache))
+  run_program(_cmd("train.py", workdir, *_kill_run_flags()), program_env(compile_cache))
   assert checkpoint_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]
   return workdir
 
@@ -131,13 +118,6 @@ def reference_run(tmp_path_factory, compile_cache):
 # ----------------------------------------------------------------------------
 # kill -9
 # ----------------------------------------------------------------------------
-
-
-def _start(workdir, env, log_path) -> tuple[subprocess.Popen, object]:
-  log = open(log_path, "a")
-  proc = subprocess.Popen(_cmd("train.py", workdir, *_kill_run_flags()), cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
-  return proc, log
 
 
 def _kill_when(proc, ready, *, timeout: float = 240.0) -> bool:
@@ -155,7 +135,7 @@ def _kill_when(proc, ready, *, timeout: float = 240.0) -> bool:
 
 def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
     tmp_path, compile_cache, reference_run):
-  env = _env(compile_cache)
+  env = program_env(compile_cache)
   workdir = tmp_path / "run"
   log_path = tmp_path / "train.log"
   rng = np.random.default_rng(17)
@@ -166,8 +146,7 @@ def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
     done = max([m["step"] for m in _logged(workdir)], default=0)
     if done >= NUM_STEPS - 1:
       break
-    proc, log = _start(workdir, env, log_path)
-    try:
+    with running(_cmd("train.py", workdir, *_kill_run_flags()), env, log_path, mode="a") as proc:
       if attempt % 2 == 0:  # during a checkpoint write: a save has started and not committed
         before = set(_pending_writes(workdir))
         killed = _kill_when(proc, lambda: bool(set(_pending_writes(workdir)) - before))
@@ -178,17 +157,12 @@ def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
         killed = _kill_when(
             proc, lambda: max([m["step"] for m in _logged(workdir)], default=0) >= target)
         cut, where = False, f"after step {target} was logged"
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-      log.close()
     if killed:
       kills.append(where)
       mid_write += cut
   assert len(kills) >= 5 and mid_write >= 2, (kills, log_path.read_text()[-4000:])
 
-  _run(_cmd("train.py", workdir, *_kill_run_flags()), env)  # to the end, after the last kill
+  run_program(_cmd("train.py", workdir, *_kill_run_flags()), env)  # to the end, after the last kill
   assert checkpoint_steps(workdir)[-1] == NUM_STEPS
   assert not _pending_writes(workdir)  # cut writes were cleaned up
   _assert_same_checkpoint(workdir, reference_run, NUM_STEPS)
@@ -208,7 +182,7 @@ def test_train_resumes_from_the_previous_step_when_the_latest_is_truncated(
   shutil.copytree(reference_run, workdir)
   latest = workdir / "checkpoints" / str(NUM_STEPS)
   truncate_file(largest_file(latest / "state" / "ocdbt.process_0"))
-  proc = _run(_cmd("train.py", workdir, *_kill_run_flags()), _env(compile_cache))
+  proc = run_program(_cmd("train.py", workdir, *_kill_run_flags()), program_env(compile_cache))
   assert f"checkpoint {NUM_STEPS} is damaged: {latest / 'state'}: arrays unreadable" in proc.stderr
   assert f"resuming from checkpoint {NUM_STEPS - 1}, the newest intact one" in proc.stderr
   assert f"resumed from step {NUM_STEPS - 1}" in proc.stderr
@@ -221,7 +195,7 @@ def test_eval_refuses_a_checkpoint_with_flipped_bytes(tmp_path, compile_cache, r
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   flip_bytes(largest_file(workdir / "checkpoints" / str(NUM_STEPS) / "state" / "ocdbt.process_0"))
-  proc = _run(_cmd("eval.py", workdir), _env(compile_cache), expect=None)
+  proc = run_program(_cmd("eval.py", workdir), program_env(compile_cache), expect=None)
   assert proc.returncode != 0
   last = _last_line(proc.stderr)
   assert f"CheckpointDamagedError: checkpoint {NUM_STEPS} is damaged" in last, last
@@ -233,8 +207,8 @@ def test_eval_refuses_a_checkpoint_with_flipped_bytes(tmp_path, compile_cache, r
 def test_another_models_checkpoint_is_a_clear_last_error(tmp_path, compile_cache, reference_run):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
-  proc = _run(_cmd("train.py", workdir, *_kill_run_flags(NUM_STEPS + 2),
-                   "--config.model.fc_width=64"), _env(compile_cache), expect=1)
+  proc = run_program(_cmd("train.py", workdir, *_kill_run_flags(NUM_STEPS + 2),
+                          "--config.model.fc_width=64"), program_env(compile_cache), expect=1)
   last = _last_line(proc.stderr)
   assert last.startswith(f"jdet.checkpoint.CheckpointMismatchError: checkpoint {NUM_STEPS}"), last
   assert "params/backbone/fc6/kernel" in last and "in the checkpoint" in last, last
@@ -302,20 +276,13 @@ def test_sigterm_saves_and_exits_143(tmp_path, compile_cache):
   workdir = tmp_path / "run"
   cmd = _cmd("train.py", workdir, "--config.train.num_steps=100000", "--config.train.log_every=1",
              "--config.train.checkpoint_every=100000")
-  with open(tmp_path / "train.log", "w") as log:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(compile_cache), stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-      deadline = time.time() + 240
-      while not _logged(workdir):
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()
-        time.sleep(0.05)
-      proc.send_signal(signal.SIGTERM)
-      code = proc.wait(timeout=120)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  with running(cmd, program_env(compile_cache), tmp_path / "train.log") as proc:
+    deadline = time.time() + 240
+    while not _logged(workdir):
+      assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
   text = (tmp_path / "train.log").read_text()
   assert code == 128 + signal.SIGTERM == 143, text[-4000:]
   assert "stopped by SIGTERM" in text and "exiting with status 143" in text

@@ -53,6 +53,7 @@ def _probe(setting: str | None) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter that imports jdet and JAX
 def test_default_library_import_leaves_the_allocator_alone():
   result = _probe(None)
   assert result["applied"] is False
@@ -60,6 +61,7 @@ def test_default_library_import_leaves_the_allocator_alone():
   assert result["faults"][-1] >= 0.9 * PAGES, result
 
 
+@pytest.mark.slow  # a fresh interpreter that imports jdet and JAX
 def test_kept_memory_is_reused_without_page_faults():
   result = _probe("1")
   assert result["applied"] is True
@@ -67,6 +69,7 @@ def test_kept_memory_is_reused_without_page_faults():
   assert result["faults"][-1] < 0.01 * PAGES, result
 
 
+@pytest.mark.slow  # a fresh interpreter that imports jdet and JAX
 def test_zero_turns_it_off_for_the_programs():
   # train.py and eval.py only set the variable when it is not set already.
   result = _probe("0")
@@ -81,6 +84,7 @@ def test_programs_turn_it_on_before_jdet_is_imported(program):
   assert setting < source.index("from jdet import")
 
 
+@pytest.mark.slow  # times Sparse R-CNN's smoke steps in two processes
 def test_bench_program_runs_each_setting_in_its_own_process(tmp_path):
   out = subprocess.run([sys.executable, "bench/hostmem.py", "--config", "configs/sparse_rcnn.py:smoke",
                         "--warmup", "1", "--iters", "2", "--out", str(tmp_path)],

@@ -66,6 +66,15 @@ def _grads(rng, params, n):
           for _ in range(n)]
 
 
+def _run_config(rng, cfg, steps: int):
+  """Our optimiser for ``cfg`` over ``steps`` random gradients of random parameters:
+  ``(params, grads, final params, learning rate of each step)``."""
+  tx, schedule = optim.build_optimizer(cfg, total_steps=steps)
+  params = _params(rng)
+  grads = _grads(rng, params, steps)
+  return params, grads, _run_optax(tx, params, grads), [float(schedule(i)) for i in range(steps)]
+
+
 # ---------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------
@@ -114,11 +123,7 @@ def test_sgd_matches_torch(rng, nesterov, decay_bias_and_norm):
   cfg = _cfg(name="sgd", lr=0.1, schedule="step", warmup_steps=2, warmup_factor=0.1,
              milestones=(4,), gamma=0.5, momentum=0.9, nesterov=nesterov, weight_decay=1e-2,
              decay_bias_and_norm=decay_bias_and_norm)
-  tx, schedule = optim.build_optimizer(cfg, total_steps=6)
-  params = _params(rng)
-  grads = _grads(rng, params, 6)
-  ours = _run_optax(tx, params, grads)
-  lrs = [float(schedule(i)) for i in range(6)]
+  params, grads, ours, lrs = _run_config(rng, cfg, 6)
   assert lrs[0] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.05)
   ref = _run_torch(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=nesterov),
                    params, grads, lrs, decay_bias_and_norm, 1e-2)
@@ -131,11 +136,7 @@ def test_sgd_matches_torch(rng, nesterov, decay_bias_and_norm):
 def test_adamw_matches_torch(rng, decay_bias_and_norm):
   cfg = _cfg(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=1, warmup_factor=0.1,
              weight_decay=0.05, b1=0.9, b2=0.99, eps=1e-8, decay_bias_and_norm=decay_bias_and_norm)
-  tx, schedule = optim.build_optimizer(cfg, total_steps=5)
-  params = _params(rng)
-  grads = _grads(rng, params, 5)
-  ours = _run_optax(tx, params, grads)
-  lrs = [float(schedule(i)) for i in range(5)]
+  params, grads, ours, lrs = _run_config(rng, cfg, 5)
   ref = _run_torch(lambda g: torch.optim.AdamW(g, lr=1e-3, betas=(0.9, 0.99), eps=1e-8),
                    params, grads, lrs, decay_bias_and_norm, 0.05)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, ref)
@@ -225,11 +226,7 @@ def test_lr_mult_matches_torch_param_groups(rng, name):
   cfg = _cfg(name=name, lr=1e-2, schedule="cosine", warmup_steps=1, warmup_factor=0.1,
              weight_decay=0.05, clip_norm=3.0, freeze=(r"^backbone/conv1/",),
              lr_mult={"backbone": 4.0, "head/bias": 0.5})
-  tx, schedule = optim.build_optimizer(cfg, total_steps=5)
-  params = _params(rng)
-  grads = _grads(rng, params, 5)
-  ours = _run_optax(tx, params, grads)
-  lrs = [float(schedule(i)) for i in range(5)]
+  params, grads, ours, lrs = _run_config(rng, cfg, 5)
   t = {k: torch.tensor(np.array(v), requires_grad=True)
        for k, v in (("bn", params["backbone"]["bn"]["scale"]), ("kernel", params["head"]["kernel"]),
                     ("bias", params["head"]["bias"]))}

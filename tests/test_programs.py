@@ -8,9 +8,9 @@ programs several times faster.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,11 +24,10 @@ from PIL import Image
 from jdet.data import builder
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import checkpoint_steps
+from tests.helpers.runs import checkpoint_steps, program_env, run_program, running
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/ssd300.py:smoke"
 
 
@@ -37,20 +36,9 @@ def compile_cache(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def _env(num_devices: int, cache_dir: str | None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  return env
-
-
 def _run(program: str, *args: str, env: dict, timeout: float = 300,
          config: str = SMOKE) -> subprocess.CompletedProcess:
-  proc = subprocess.run([sys.executable, program, "--config", config, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"{program} {args} failed:\n{proc.stderr[-6000:]}"
-  return proc
+  return run_program([sys.executable, program, "--config", config, *args], env, timeout=timeout)
 
 
 def _jsonl(path) -> list[dict]:
@@ -69,7 +57,7 @@ def _assert_png(path) -> None:
 
 def test_smoke_train_then_eval(tmp_path, compile_cache):
   config = ssd300_config.get_config("smoke")
-  env = _env(1, compile_cache)
+  env = program_env(compile_cache)
   workdir = tmp_path / "run"
   _run("train.py", "--workdir", str(workdir), env=env)
 
@@ -126,7 +114,7 @@ def test_other_detectors_smoke_train_then_eval(tmp_path, compile_cache, name):
   """RefineDet and Faster R-CNN go through the same programs: checkpoints, the
   periodic evaluation, and eval.py agreeing with it."""
   config = importlib.import_module(f"configs.{name}").get_config("smoke")
-  env = _env(1, compile_cache)
+  env = program_env(compile_cache)
   workdir = tmp_path / "run"
   spec = f"configs/{name}.py:smoke"
   _run("train.py", "--workdir", str(workdir), env=env, config=spec, timeout=600)
@@ -170,25 +158,17 @@ def test_two_processes_on_localhost(tmp_path, compile_cache):
   num_steps = int(config.train.num_steps)
   workdir = tmp_path / "run"
   port = _free_port()
-  logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]
-  procs = []
-  try:
+  with contextlib.ExitStack() as stack:
+    procs = []
     for i in range(2):
       cmd = [sys.executable, "train.py", "--config", SMOKE, "--workdir", str(workdir),
              "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
              f"--process_id={i}"]
-      procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2, None), stdout=logs[i],
-                                    stderr=subprocess.STDOUT))
+      procs.append(stack.enter_context(
+          running(cmd, program_env(None, num_devices=2), tmp_path / f"process_{i}.log")))
     deadline = time.time() + 240
     for p in procs:
       p.wait(timeout=max(1.0, deadline - time.time()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs:
-      f.close()
   for i, p in enumerate(procs):
     assert p.returncode == 0, (tmp_path / f"process_{i}.log").read_text()[-6000:]
 
@@ -201,7 +181,7 @@ def test_two_processes_on_localhost(tmp_path, compile_cache):
   assert checkpoint_steps(workdir)[-1] == num_steps
 
   # One process, one device, restores what two processes saved and evaluates it alike.
-  _run("eval.py", "--workdir", str(workdir), env=_env(1, compile_cache))
+  _run("eval.py", "--workdir", str(workdir), env=program_env(compile_cache))
   metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
   assert metrics["step"] == num_steps
   np.testing.assert_allclose(metrics["AP"], train_eval[0]["eval/AP"], rtol=1e-9, atol=1e-12)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -24,11 +23,11 @@ import pytest
 from jdet import training
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import checkpoint_steps, jax_compile_cache
+from tests.helpers.runs import (checkpoint_steps, jax_compile_cache, program_env, run_program,
+                                running)
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two steps, not more: at step 3 of the smoke run one pre-activation of fc6 lies
 # within 1e-5 of zero, so float rounding that differs between 1 and 4 devices
 # flips one ReLU and changes that step's backbone gradients by ~1e-2 (the
@@ -143,20 +142,9 @@ def test_non_finite_loss_stops_the_run(tmp_path):
   assert steps and max(steps) == bad_step - 1, steps
 
 
-def _env(cache_dir: str) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-              JAX_COMPILATION_CACHE_DIR=cache_dir)
-
-
 def _train_cmd(workdir, *overrides: str) -> list[str]:
   return [sys.executable, "train.py", "--config", "configs/ssd300.py:smoke", "--workdir",
           str(workdir), "--config.train.eval_every=0", *overrides]
-
-
-def _run(cmd, *, env: dict, timeout: float) -> subprocess.CompletedProcess:
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
 
 
 def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
@@ -164,10 +152,8 @@ def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
   metrics = workdir / "metrics.jsonl"
   cmd = _train_cmd(workdir, "--config.train.num_steps=100000", "--config.train.log_every=1",
                    "--config.train.checkpoint_every=100000")
-  log = open(tmp_path / "train.log", "w")
-  env = _env(compile_cache)
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-  try:
+  env = program_env(compile_cache)
+  with running(cmd, env, tmp_path / "train.log") as proc:
     # Wait until some step has been logged (the metrics file is buffered: it shows
     # up after some tens of steps), then ask the program to stop.
     deadline = time.time() + 240
@@ -178,11 +164,6 @@ def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
     proc.send_signal(signal.SIGTERM)
     # Saved, then a non-zero status (128 + SIGTERM), so that a scheduler restarts the job.
     assert proc.wait(timeout=120) == 143, (tmp_path / "train.log").read_text()[-4000:]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    log.close()
   lines = _read_metrics(workdir)
   last = lines[-1]["step"]
   assert [m["step"] for m in lines] == list(range(1, last + 1))
@@ -190,7 +171,7 @@ def test_sigterm_saves_and_resumes(tmp_path, compile_cache):
   assert checkpoint_steps(workdir) == [last]  # only the checkpoint of the signal
 
   # Start again with a slightly longer schedule: it continues from the saved step.
-  proc = _run(_train_cmd(workdir, f"--config.train.num_steps={last + 2}"), env=env, timeout=240)
+  proc = run_program(_train_cmd(workdir, f"--config.train.num_steps={last + 2}"), env, timeout=240)
   assert f"resumed from step {last}" in proc.stderr
   lines = _read_metrics(workdir)
   assert [m["step"] for m in lines] == list(range(1, last + 3))

@@ -33,8 +33,11 @@ from jdet import convert
 from jdet.convert.__main__ import main as convert_main
 from jdet.models.backbones.resnet import ResNet
 from jdet.models.necks.fpn import FPN
-from tests.helpers import (UNPICKLED, Payload, assert_close, photo_batch, randomize_norms,
-                           state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
+from tests.helpers.faults import UNPICKLED, Payload
+from tests.helpers.images import photo_batch
+from tests.helpers.references import assert_close
+from tests.helpers.torch_models import (randomize_norms, state_dict_numpy, to_nchw, to_nhwc,
+                                        torch_resnet)
 
 
 def _random_biases(model: torch.nn.Module) -> None:

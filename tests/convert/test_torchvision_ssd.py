@@ -42,7 +42,7 @@ from jdet.convert.__main__ import main as convert_main
 from jdet.data.voc import VocSource
 from jdet.models.backbones.vgg import VGG16
 from jdet.models.ssd import SSD, ssd_targets
-from tests.helpers import UNPICKLED, Payload
+from tests.helpers.faults import UNPICKLED, Payload
 
 RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 TV_CLASSES = 4  # torchvision's count, background included; jdet's num_classes is 3

@@ -128,18 +128,15 @@ def _data():
                             common.ssd_augment(32), batch_size=2)
 
 
-def test_unknown_source_kind_names_the_field():
+@pytest.mark.parametrize("section, field, value, build", [
+    ("train", "kind", "imagenet", lambda data: builder.build_source(data, "train")),
+    ("transforms", "recipe", "yolo", lambda data: builder.build_transforms(data, train=True)),
+], ids=["unknown_source_kind", "unknown_recipe"])
+def test_unknown_choice_names_the_field(section, field, value, build):
   data = _data()
-  data.train.kind = "imagenet"
-  with pytest.raises(builder.ConfigError, match=r"data\.train\.kind.*'imagenet'"):
-    builder.build_source(data, "train")
-
-
-def test_unknown_recipe_names_the_field():
-  data = _data()
-  data.transforms.recipe = "yolo"
-  with pytest.raises(builder.ConfigError, match=r"data\.transforms\.recipe.*'yolo'"):
-    builder.build_transforms(data, train=True)
+  data[section][field] = value
+  with pytest.raises(builder.ConfigError, match=rf"data\.{section}\.{field}.*'{value}'"):
+    build(data)
 
 
 def test_unexpected_source_argument_names_the_field():

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from jdet.data.coco import CocoSource
 from jdet.data.records import (AnnotationError, DetectionSource, Example, SkipLog,
                                clean_annotations)
-from tests.helpers import write_image
+from tests.helpers.images import write_image
 
 # COCO's category ids have gaps (1..90 for 80 classes); these keep some of them.
 def categories() -> list[dict]:

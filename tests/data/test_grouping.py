@@ -16,9 +16,9 @@ from jdet.data.coco import CocoSource
 from jdet.data.records import SizedSource, SkipLog, image_sizes
 from jdet.data.shapes import ShapesSource
 from jdet.data.voc import VocSource
-from tests.helpers import assert_resumes_through_orbax, write_image
+from tests.helpers.images import RACCOON, write_image
+from tests.helpers.iterators import assert_resumes_from_state, assert_resumes_through_orbax
 
-RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 B = 4
 # Keep-ratio resize to short side 16, long side at most 26, padded to one of two
 # buckets. The buckets' short side (20) exceeds the resize's (16), as COCO's
@@ -189,17 +189,11 @@ def test_same_seed_same_batches_other_seed_other_order(coco):
 
 def test_a_restored_iterator_state_gives_the_same_next_batches(coco):
   per_epoch = NUM_LANDSCAPE // B + NUM_PORTRAIT // B
-  it = pipeline.train_batches(coco, _transform(), batch_size=B, seed=7, group_by_aspect=True)
-  for _ in range(per_epoch + 1):  # into the second epoch
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(per_epoch)]  # across the next epoch boundary
-  fresh = pipeline.train_batches(coco, _transform(), batch_size=B, seed=7, group_by_aspect=True)
-  fresh.set_state(state)
-  for want in expected:
-    got = next(fresh)
-    for k in pipeline.BATCH_KEYS:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Saved in the second epoch, compared across the next epoch boundary.
+  assert_resumes_from_state(
+      lambda: pipeline.train_batches(coco, _transform(), batch_size=B, seed=7,
+                                     group_by_aspect=True),
+      per_epoch + 1, per_epoch, pipeline.BATCH_KEYS)
 
 
 def test_iterator_state_round_trips_through_an_orbax_checkpoint(coco, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from jdet.data import pipeline
 from jdet.data import transforms as T
 from jdet.data.shapes import ShapesSource
-from tests.helpers import assert_resumes_through_orbax
+from tests.helpers.iterators import assert_resumes_from_state, assert_resumes_through_orbax
 
 SIZE, MAX_BOXES = 64, 8
 
@@ -76,17 +76,10 @@ def test_shards_are_disjoint_and_cover_the_data(source):
 
 
 def test_state_restores_exactly_the_next_batch(source):
-  it = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=7)
-  for _ in range(4):  # into the second epoch
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(2)]
-  fresh = pipeline.train_batches(source, _train_tf(), batch_size=3, seed=7)
-  fresh.set_state(state)
-  for want in expected:
-    got = next(fresh)
-    for k in pipeline.BATCH_KEYS:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Saved four batches in: in the second epoch.
+  assert_resumes_from_state(
+      lambda: pipeline.train_batches(source, _train_tf(), batch_size=3, seed=7), 4, 2,
+      pipeline.BATCH_KEYS)
 
 
 def test_same_seed_same_batches_different_seed_differs(source):

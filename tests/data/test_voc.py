@@ -14,8 +14,8 @@ from pycocotools.cocoeval import COCOeval
 
 from jdet.data.records import AnnotationError, DetectionSource, SkipLog
 from jdet.data.voc import VOC_CLASSES, VocSource
+from tests.helpers.images import RACCOON
 
-RACCOON = Path(__file__).resolve().parents[3] / "shared" / "data" / "raccoon"
 GREYSCALE = {"raccoon-150", "raccoon-152", "raccoon-161"}
 
 

@@ -28,7 +28,8 @@ from jdet.testing import TraceCounter
 
 from configs import common
 from configs import ssd300 as ssd300_config
-from tests.helpers import np_iou, numpy_variables
+from tests.helpers.references import np_iou
+from tests.helpers.weights import numpy_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -35,7 +35,8 @@ from jdet.train_state import TrainState
 from jdet.training import make_train_step
 
 from configs import faster_rcnn_r50_fpn as frcnn_config
-from tests.helpers import best_iou_per_object, numpy_variables
+from tests.helpers.references import best_iou_per_object
+from tests.helpers.weights import numpy_variables
 
 # A 128 x 160 canvas with the smoke config's anchors (8 .. 128 on P2 .. P6).
 CANVAS = (128, 160)

@@ -21,7 +21,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from jdet.convert import fpn_params
 from jdet.models.necks.fpn import FPN, resize_nearest
-from tests.helpers import assert_close, state_dict_numpy, to_nchw, to_nhwc
+from tests.helpers.references import assert_close
+from tests.helpers.torch_models import state_dict_numpy, to_nchw, to_nhwc
 
 IN_CHANNELS = (16, 32, 48, 64)
 

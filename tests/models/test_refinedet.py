@@ -20,7 +20,9 @@ from jdet.models.multibox import multibox_detections
 from jdet.testing import assert_traces_once
 
 from configs import refinedet320, refinedet512, ssd300
-from tests.helpers import np_iou, numpy_variables, refinedet_anchors
+from tests.helpers.anchor_presets import refinedet_anchors
+from tests.helpers.references import np_iou
+from tests.helpers.weights import numpy_variables
 
 NUM_CLASSES = 5  # foreground classes of the small cases
 IMAGE = 64       # their input side: maps 8, 4, 2, 1 -> (64 + 16 + 4 + 1) * 3 = 255 anchors

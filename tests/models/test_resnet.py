@@ -29,8 +29,10 @@ from jdet import optim, parallel
 from jdet.convert import resnet_params
 from jdet.models.backbones.resnet import ResNet
 from jdet.train_state import TrainState
-from tests.helpers import (assert_close, numpy_variables, photo_batch,
-                           state_dict_numpy, to_nchw, to_nhwc, torch_resnet)
+from tests.helpers.images import photo_batch
+from tests.helpers.references import assert_close
+from tests.helpers.torch_models import state_dict_numpy, to_nchw, to_nhwc, torch_resnet
+from tests.helpers.weights import numpy_variables
 
 
 def _torch_features(model: torch.nn.Module, x: np.ndarray, stages=(1, 2, 3, 4)) -> list[np.ndarray]:

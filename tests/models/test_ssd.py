@@ -24,7 +24,8 @@ from jdet.train_state import TrainState
 from jdet.training import make_train_step
 
 from configs import ssd300 as ssd300_config
-from tests.helpers import best_iou_per_object, numpy_variables
+from tests.helpers.references import best_iou_per_object
+from tests.helpers.weights import numpy_variables
 
 # Jitted once: eager op-by-op dispatch would compile every primitive separately.
 _targets = jax.jit(ssd_targets)

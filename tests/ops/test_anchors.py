@@ -14,7 +14,8 @@ from torchvision.models.detection.image_list import ImageList
 
 from jdet.ops import anchors
 from jdet.models.ssd import SSD300_ASPECT_RATIOS
-from tests.helpers import refinedet_anchors, ssd300_default_boxes, ssd512_default_boxes
+from tests.helpers.anchor_presets import (refinedet_anchors, ssd300_default_boxes,
+                                          ssd512_default_boxes)
 
 R2 = math.sqrt(2.0)
 
