@@ -1,4 +1,15 @@
-"""Shared pieces of the ``data`` section of the model configs.
+"""Shared pieces of the model configs: the ``model``, ``optim``, ``train`` and ``data`` sections.
+
+The ``model`` section is :func:`model_section`: every field of the registered
+detector at its default (the paper's setting), with what the config changes::
+
+  config.model = common.model_section("faster_rcnn", num_classes=80)
+
+so that a config states only what differs from the module, and every field
+can be overridden on the command line (``--config.model.norm_eps=0``).
+``jdet.build_model`` refuses a key that is none of the model's fields.
+:func:`optim_section` is the ``optim`` section, :func:`train` the ``train``
+section.
 
 A model config builds its data section from one *source* helper (which data,
 for the ``train`` and ``val`` splits) and one *transforms* helper (which
@@ -52,21 +63,37 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
 import ml_collections
 
 from jdet.data.transforms import CROP_SCALES, CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from jdet.models import MODELS
+from jdet.models.detector import field_names
 
-__all__ = ["parse_variant", "data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data", "tfds_data",
-           "ssd_augment", "rcnn_augment", "custom_config", "CUSTOM_OPTIONS"]
+__all__ = ["parse_variant", "model_section", "narrow_vgg", "narrow_resnet", "optim_section",
+           "epoch_schedule", "data_config", "shapes_data", "coco_data", "voc_data", "raccoon_data",
+           "tfds_data", "ssd_augment", "rcnn_augment", "custom_config", "CUSTOM_OPTIONS",
+           "COCO_TRAIN_IMAGES", "COCO_CANVAS", "COCO_BUCKETS"]
 
 ConfigDict = ml_collections.ConfigDict
 
 # Number of classes of the datasets the helpers know.
 _NUM_CLASSES = {"shapes": 5, "coco": 80, "voc": 20, "raccoon": 1}
+
+# train2017 images with at least one box (MMDetection's filter_empty_gt): 7,330 steps per
+# epoch at batch 16.
+COCO_TRAIN_IMAGES = 117_266
+# The R50-FPN at 800 x 1333: a 1344 x 1344 canvas (a multiple of 64, P6's stride) holds every
+# image in either orientation; evaluation, which batches images in order, pads to it.
+COCO_CANVAS = (1344, 1344)
+# Training batches hold one orientation (data.group_by_aspect) padded to its bucket: 0.62x
+# the canvas's pixels. Landscape first: a square image fits both and Pad takes the first.
+COCO_BUCKETS = ((832, 1344), (1344, 832))
 
 
 def parse_variant(arg: str | None, variants: Sequence[str], *,
@@ -110,6 +137,76 @@ def start_config(model_name: str, arg: str | None, variants: Sequence[str], get_
   # What eval.py reports: "coco" (pycocotools) always; "voc" adds the VOC07 mAP.
   config.eval = ConfigDict(dict(metrics=("coco",), num_draw=16, draw_score=0.3))
   return config, variant, options
+
+
+# ----------------------------------------------------------------------------
+# The model and optimiser sections.
+# ----------------------------------------------------------------------------
+
+
+def _is_config_value(value) -> bool:
+  """Whether a ConfigDict holds ``value`` as a plain, overridable setting."""
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return True
+  return isinstance(value, (tuple, list)) and all(_is_config_value(v) for v in value)
+
+
+def model_section(model_name: str, **settings) -> ConfigDict:
+  """The ``model`` section of ``jdet.build_model(model_name, **config.model)``.
+
+  Every field of the registered model at its default (the paper's setting),
+  then ``settings`` (``num_classes`` and what the config changes). Fields whose
+  default is no plain value (``dtype``) are left to the module. Unknown keys
+  are refused by ``jdet.build_model``, which names them.
+  """
+  model = MODELS[model_name]
+  defaults = {f.name: f.default for f in dataclasses.fields(model)
+              if f.name in field_names(model) and f.default is not dataclasses.MISSING
+              and _is_config_value(f.default)}
+  return ConfigDict({**defaults, **settings})
+
+
+def narrow_vgg(width: int) -> dict:
+  """A narrow VGG16 with BatchNorm (trains from scratch) for the small inputs of the
+  SSD and RefineDet ``shapes`` and ``smoke`` variants: stages of ``width`` .. 8 x
+  ``width`` channels, fc6/fc7 of 8 x ``width``. The configs add their extra levels."""
+  w = width
+  return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w, norm="batch")
+
+
+def narrow_resnet(width: int) -> dict:
+  """A narrow ResNet-18 with BatchNorm, nothing frozen (trains from scratch), for the
+  small inputs of the R-CNN ``shapes`` and ``smoke`` variants: stages of ``width`` ..
+  8 x ``width`` channels, a stem of ``width``."""
+  w = width
+  return dict(depth=18, widths=(w, 2 * w, 4 * w, 8 * w), stem_width=w, norm="batch",
+              frozen_stages=-1)
+
+
+def optim_section(*, name: str, lr: float, weight_decay: float, milestones=(),
+                  warmup_steps: int = 500, warmup_factor: float = 0.001, clip_norm: float = 0.0,
+                  freeze=(), **settings) -> ConfigDict:
+  """The ``optim`` section (``jdet.engine.optim.build_optimizer`` reads every key).
+
+  ``name`` (``"sgd"`` with momentum 0.9, or ``"adamw"`` with betas 0.9, 0.999 and
+  epsilon 1e-8) at ``lr``, weight decay on every parameter (biases and norms too),
+  linear warm-up over ``warmup_steps`` from ``warmup_factor`` x ``lr``, steps of
+  0.1 at ``milestones``; ``clip_norm`` 0 does not clip. ``settings`` add or
+  replace keys (``schedule="cosine"``, ``lr_mult=...``).
+  """
+  return ConfigDict(dict(
+      dict(name=name, lr=lr, momentum=0.9, nesterov=False, weight_decay=weight_decay,
+           decay_bias_and_norm=True, clip_norm=clip_norm, b1=0.9, b2=0.999, eps=1e-8,
+           schedule="step", warmup_steps=warmup_steps, warmup_factor=warmup_factor,
+           milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=tuple(freeze)),
+      **settings))
+
+
+def epoch_schedule(batch: int, epochs: int, milestones) -> tuple[int, tuple[int, ...]]:
+  """``(num_steps, milestone steps)`` of an epoch schedule on COCO train2017 (the images
+  with boxes, :data:`COCO_TRAIN_IMAGES`) at ``batch``; ``milestones`` in epochs."""
+  per_epoch = math.ceil(COCO_TRAIN_IMAGES / batch)
+  return epochs * per_epoch, tuple(m * per_epoch for m in milestones)
 
 
 def _source(num_classes: int | None, train: dict, val: dict) -> ConfigDict:
@@ -319,7 +416,7 @@ def train(*, num_steps: int, log_every: int = 50, eval_every: int = 10_000,
   """The ``train`` section: ``num_steps``, logging, periodic evaluation and
   checkpoints (the last 2 and the best by AP kept), seed 0. An interval of 0
   turns that periodic work off (the last step is still logged and saved);
-  ``jdet.training.check_config`` checks the section at start-up."""
+  ``jdet.engine.training.check_config`` checks the section at start-up."""
   return ConfigDict(dict(
       num_steps=num_steps, log_every=log_every, eval_every=eval_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=2, keep_best=1, seed=0,

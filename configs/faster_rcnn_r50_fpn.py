@@ -53,21 +53,10 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from configs import common
-
-# train2017 images with at least one box (MMDetection's filter_empty_gt): 7,330 steps per
-# epoch at batch 16.
-COCO_TRAIN_IMAGES = 117_266
-# The R50-FPN at 800 x 1333: a 1344 x 1344 canvas (a multiple of 64, P6's stride) holds every
-# image in either orientation; evaluation, which batches images in order, pads to it.
-COCO_CANVAS = (1344, 1344)
-# Training batches hold one orientation (data.group_by_aspect) padded to its bucket: 0.62x
-# the canvas's pixels. Landscape first: a square image fits both and Pad takes the first.
-COCO_BUCKETS = ((832, 1344), (1344, 832))
+from configs.common import COCO_BUCKETS, COCO_CANVAS  # the R50-FPN's COCO canvas and buckets
 
 
 # The shapes quick start's anchors: two sizes per level, 3x and 4.2x the stride (12 and 17
@@ -79,55 +68,29 @@ COCO_BUCKETS = ((832, 1344), (1344, 832))
 SHAPES_ANCHOR_SIZES = tuple((s, round(s * 2 ** 0.5, 2)) for s in (12, 24, 48, 96, 192))
 
 
-def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
-  """The model section: torchvision's / MMDetection's Faster R-CNN R50-FPN settings,
-  with ``overrides`` of some of them."""
-  section = dict(
-      num_classes=num_classes, depth=50, widths=(64, 128, 256, 512), stem_width=64,
-      norm="frozen_bn", frozen_stages=1, fpn_channels=256,
-      anchor_sizes=(32, 64, 128, 256, 512), anchor_ratios=(0.5, 1.0, 2.0),
-      rpn_pre_nms_top_n=(2000, 1000), rpn_post_nms_top_n=(2000, 1000),
-      rpn_num_samples=256, rpn_positive_fraction=0.5,
-      representation_size=1024, rcnn_num_samples=512, rcnn_positive_fraction=0.25,
-      roi_aligned=False, score_threshold=0.05, nms_threshold=0.5, max_detections=100)
-  unknown = sorted(set(overrides) - set(section))
-  if unknown:
-    raise ValueError(f"unknown model options {unknown}")
-  return ml_collections.ConfigDict({**section, **overrides})
-
-
 def optim(*, lr: float, milestones, warmup_steps: int = 500,
           freeze=()) -> ml_collections.ConfigDict:
   """SGD with momentum 0.9, weight decay 1e-4 (on every parameter, as MMDetection and
   torchvision), linear warm-up from 0.001x, steps of 0.1. The frozen ResNet stages
   need no ``freeze`` entry: the model gives them (``FasterRCNN.frozen_parameters``)."""
-  return ml_collections.ConfigDict(dict(
-      name="sgd", lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
-      decay_bias_and_norm=True, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8,
-      schedule="step", warmup_steps=warmup_steps, warmup_factor=0.001,
-      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=tuple(freeze)))
+  return common.optim_section(name="sgd", lr=lr, weight_decay=1e-4, milestones=milestones,
+                              warmup_steps=warmup_steps, freeze=freeze)
 
 
 # The ``train`` section (steps, logging, evaluation and checkpoint intervals).
 train = common.train
 
 
-def epoch_schedule(batch: int, epochs: int, milestones) -> tuple[int, tuple[int, ...]]:
-  """``(num_steps, milestone steps)`` of an epoch schedule on COCO train2017 at ``batch``."""
-  per_epoch = math.ceil(COCO_TRAIN_IMAGES / batch)
-  return epochs * per_epoch, tuple(m * per_epoch for m in milestones)
-
-
 def _coco(config: ml_collections.ConfigDict, options: dict, *, scales, mode: str, epochs: int,
           milestones) -> None:
   batch = int(options.get("batch", 16))
-  config.model = model(80)
+  config.model = common.model_section("faster_rcnn", num_classes=80)  # the paper's model
   config.data = common.data_config(
       common.coco_data(options.get("root", "data/coco")),
       common.rcnn_augment(scales, canvas=COCO_CANVAS, buckets=COCO_BUCKETS, mode=mode,
                           test_scale=(800, 1333)),
       batch_size=batch, eval_batch_size=batch, num_workers=8, group_by_aspect=True)
-  num_steps, steps = epoch_schedule(batch, epochs, milestones)
+  num_steps, steps = common.epoch_schedule(batch, epochs, milestones)
   # The linear scaling rule: 0.02 for 16 images per step.
   config.optim = optim(lr=0.02 * batch / 16, milestones=steps)
   config.train = train(num_steps=num_steps, eval_every=num_steps // epochs * 4,
@@ -149,9 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # From scratch: trainable BatchNorm, nothing frozen, AdamW. Objects are 10..110 px,
     # so the anchors are smaller than COCO's: SHAPES_ANCHOR_SIZES. RoIAlign samples at
     # pixel centres (aligned, as MMDetection), which matters on maps of 32 pixels.
-    config.model = model(
-        5, depth=18, widths=(16, 32, 64, 128), stem_width=16, norm="batch", frozen_stages=-1,
-        fpn_channels=64, anchor_sizes=SHAPES_ANCHOR_SIZES, rpn_pre_nms_top_n=(600, 300),
+    config.model = common.model_section(
+        "faster_rcnn", num_classes=5, **common.narrow_resnet(16), fpn_channels=64,
+        anchor_sizes=SHAPES_ANCHOR_SIZES, rpn_pre_nms_top_n=(600, 300),
         rpn_post_nms_top_n=(300, 100), representation_size=256, rcnn_num_samples=128,
         roi_aligned=True, score_threshold=0.02)
     config.data = common.data_config(
@@ -163,9 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         clip_norm=10.0, decay_bias_and_norm=False)
     config.train = train(num_steps=5000, log_every=25, eval_every=500, checkpoint_every=500)
   else:  # smoke
-    config.model = model(
-        5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch", frozen_stages=-1,
-        fpn_channels=8, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n=(100, 50),
+    config.model = common.model_section(
+        "faster_rcnn", num_classes=5, **common.narrow_resnet(4), fpn_channels=8,
+        anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n=(100, 50),
         rpn_post_nms_top_n=(50, 20), rpn_num_samples=64, representation_size=16,
         rcnn_num_samples=32, max_detections=20)
     config.data = common.data_config(

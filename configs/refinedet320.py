@@ -63,27 +63,21 @@ import ml_collections
 from configs import common, ssd300
 from jdet.evaluation import tta
 
-# RefineDet's extra level: conv6_1 (1x1, 256) and conv6_2 (3x3 stride 2, 512).
-EXTRAS = ((256, 512, 3, 2, 1),)
 # One anchor size per level (4 x stride) at strides 8, 16, 32, 64, for 320 and 512 inputs.
 ANCHOR_SIZES = (32, 64, 128, 256)
-STRIDES = (8, 16, 32, 64)
-
-
-# A narrow VGG16 (the proportions of ssd300's, one extra level) and TCB.
-def _narrow(width: int) -> dict:
-  w = width
-  return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w,
-              extras=((4 * w, 8 * w, 3, 2, 1),), tcb_width=4 * w, norm="batch")
 
 
 def model(num_classes: int, *, size: int = 320) -> ml_collections.ConfigDict:
-  """The RefineDet model section (the Caffe model's settings) for a ``size`` input."""
-  return ml_collections.ConfigDict(dict(
-      num_classes=num_classes, image_size=size, extras=EXTRAS, fc6_dilation=3,
-      l2norm_scales=(10.0, 8.0), tcb_width=256, anchor_sizes=ANCHOR_SIZES, strides=STRIDES,
-      aspect_ratios=(2,), filter_threshold=0.99, score_threshold=0.01, pre_nms_top_k=1000,
-      nms_threshold=0.45, max_detections=100))
+  """The RefineDet model section (the module's defaults: the Caffe model's settings) for
+  a ``size`` input."""
+  return common.model_section("refinedet", num_classes=num_classes, image_size=size,
+                              anchor_sizes=ANCHOR_SIZES)
+
+
+def _narrow(width: int) -> dict:
+  """A narrow VGG16 (the proportions of ssd300.py's, one extra level) and TCB."""
+  w = width
+  return dict(**common.narrow_vgg(w), extras=((4 * w, 8 * w, 3, 2, 1),), tcb_width=4 * w)
 
 
 def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.ConfigDict:
@@ -107,20 +101,19 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
                         milestones=(80_000, 100_000), num_steps=120_000)
   elif variant == "shapes":
     # ssd300.py:shapes's data, TTA, optimiser and schedule, taken from it unchanged.
-    config.model = ml_collections.ConfigDict(dict(
-        num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1,
+    config.model = common.model_section(
+        "refinedet", num_classes=5, image_size=128, **_narrow(16), fc6_dilation=1,
         # conv3_3 (stride 4) is a source too, as in ssd300.py:shapes (SHAPES_SOURCES), with
         # anchors of 3x the stride: 12, 24, 48, 96 and 192 pixels. Every object of the
         # validation split then overlaps 3.9 anchors by IoU >= 0.5 on average, all but 0.9 %
         # at least one (strides 8 .. 64 with anchors of 2x the stride: 1.4, and 30 % none).
-        conv3_3_l2norm_scale=10.0, strides=(4, 8, 16, 32, 64), anchor_scale=3.0,
-        score_threshold=0.01, pre_nms_top_k=1000, nms_threshold=0.45, max_detections=100))
+        conv3_3_l2norm_scale=10.0, strides=(4, 8, 16, 32, 64), anchor_scale=3.0)
     ssd = ssd300.get_config(arg)  # "shapes" with the same options
     config.data, config.tta, config.optim, config.train = ssd.data, ssd.tta, ssd.optim, ssd.train
   else:  # smoke: maps 8, 4, 2, 1
-    config.model = ml_collections.ConfigDict(dict(
-        num_classes=5, image_size=64, **_narrow(4), fc6_dilation=1, pre_nms_top_k=100,
-        max_detections=20))
+    config.model = common.model_section(
+        "refinedet", num_classes=5, image_size=64, **_narrow(4), fc6_dilation=1,
+        pre_nms_top_k=100, max_detections=20)
     config.data = common.data_config(
         common.shapes_data(image_size=64, num_train=16, num_val=8),
         common.ssd_augment(64), batch_size=4, eval_batch_size=4, max_boxes=8)

@@ -62,59 +62,37 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from configs import common
+from jdet.models.heads.sparse_rcnn_head import MMDET_SCALE_CLAMP
 
 # train2017 with the images without boxes (the authors keep them): 7,393 steps per epoch at 16.
 COCO_TRAIN_IMAGES_ALL = 118_287
-COCO_TRAIN_IMAGES = 117_266  # with at least one box (MMDetection's filter_empty_gt)
-COCO_CANVAS = (1344, 1344)
-COCO_BUCKETS = ((832, 1344), (1344, 832))
 # The authors' multi-scale training: shorter side one of 480, 512, ..., 800.
 MULTI_SCALES = tuple((s, 1333) for s in range(480, 801, 32))
-
-
-def model(num_classes: int, **overrides) -> ml_collections.ConfigDict:
-  """The model section: the authors' R50-FPN settings with ``overrides``."""
-  section = dict(
-      num_classes=num_classes, depth=50, widths=(64, 128, 256, 512), stem_width=64,
-      norm="frozen_bn", frozen_stages=1, fpn_channels=256, num_proposals=100, num_stages=6,
-      num_heads=8, dim_feedforward=2048, dim_dynamic=64, num_cls_fcs=1, num_reg_fcs=3,
-      dropout=0.0, scale_clamp=math.log(100000.0 / 16), symmetric_clamp=False,
-      class_weight=2.0, l1_weight=5.0, giou_weight=2.0, cost_eps=1e-8, matcher="host",
-      max_detections=100)
-  unknown = sorted(set(overrides) - set(section))
-  if unknown:
-    raise ValueError(f"unknown model options {unknown}")
-  return ml_collections.ConfigDict({**section, **overrides})
 
 
 def optim(*, lr: float, milestones, warmup_steps: int = 1000,
           warmup_factor: float = 0.01) -> ml_collections.ConfigDict:
   """AdamW (0.9, 0.999, 1e-8), weight decay 1e-4 on every trainable parameter, clipping
   at global norm 1, linear warm-up, steps of 0.1 (the authors' solver)."""
-  return ml_collections.ConfigDict(dict(
-      name="adamw", lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
-      decay_bias_and_norm=True, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
-      schedule="step", warmup_steps=warmup_steps, warmup_factor=warmup_factor,
-      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=(),
-      lr_mult=dict(backbone=1.0, neck=1.0)))
+  return common.optim_section(name="adamw", lr=lr, weight_decay=1e-4, milestones=milestones,
+                              warmup_steps=warmup_steps, warmup_factor=warmup_factor,
+                              clip_norm=1.0, lr_mult=dict(backbone=1.0, neck=1.0))
 
 
 def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -> None:
   batch = int(options.get("batch", 16))
   one_x = "1x" in options
   depth = 101 if "r101" in options else 50
-  config.model = model(80, depth=depth, num_proposals=proposals, max_detections=proposals,
-                       matcher=options.get("matcher", "host"))
+  config.model = common.model_section(  # the authors' model, with the options
+      "sparse_rcnn", num_classes=80, depth=depth, num_proposals=proposals,
+      max_detections=proposals, matcher=options.get("matcher", "host"))
   if one_x:  # MMDetection's sparse-rcnn_r50_fpn_1x_coco
-    config.model.update(symmetric_clamp=True, scale_clamp=math.log(1000.0 / 16), cost_eps=1e-12)
+    config.model.update(symmetric_clamp=True, scale_clamp=MMDET_SCALE_CLAMP, cost_eps=1e-12)
     scales, mode = ((800, 1333),), "value"
-    per_epoch = math.ceil(COCO_TRAIN_IMAGES / batch)
-    num_steps, milestones = 12 * per_epoch, (8 * per_epoch, 11 * per_epoch)
+    num_steps, milestones = common.epoch_schedule(batch, 12, (8, 11))
     config.optim = optim(lr=2.5e-5, milestones=milestones, warmup_steps=500, warmup_factor=0.001)
   else:  # the authors' 3x multi-scale recipe, in iterations at batch 16
     scales, mode = MULTI_SCALES, "value"
@@ -125,8 +103,8 @@ def _coco(config: ml_collections.ConfigDict, options: dict, *, proposals: int) -
   # of 400, 500, 600, a crop of 384..600 pixels a side, then the multi-scale resize, for
   # half of the images) can change an image's orientation: one square canvas.
   crop = proposals == 300
-  transforms = common.rcnn_augment(scales, canvas=COCO_CANVAS,
-                                   buckets=None if crop else COCO_BUCKETS, mode=mode,
+  transforms = common.rcnn_augment(scales, canvas=common.COCO_CANVAS,
+                                   buckets=None if crop else common.COCO_BUCKETS, mode=mode,
                                    test_scale=(800, 1333), crop=crop)
   config.data = common.data_config(
       common.coco_data(options.get("root", "data/coco"), train_keep_empty=not one_x),
@@ -145,10 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant in ("coco", "coco_300"):
     _coco(config, options, proposals=300 if variant == "coco_300" else 100)
   elif variant == "shapes":
-    config.model = model(
-        5, depth=18, widths=(16, 32, 64, 128), stem_width=16, norm="batch", frozen_stages=-1,
-        fpn_channels=64, num_proposals=25, num_heads=4, dim_feedforward=256, dim_dynamic=16,
-        max_detections=50, matcher=options.get("matcher", "host"))
+    config.model = common.model_section(
+        "sparse_rcnn", num_classes=5, **common.narrow_resnet(16), fpn_channels=64,
+        num_proposals=25, num_heads=4, dim_feedforward=256, dim_dynamic=16, max_detections=50,
+        matcher=options.get("matcher", "host"))
     config.data = common.data_config(
         common.shapes_quickstart_data(options),
         common.rcnn_augment(((128, 128),), canvas=(128, 128)),
@@ -161,10 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = common.train(num_steps=int(options.get("steps", 15_000)), log_every=50,
                                 eval_every=2000, checkpoint_every=1000)
   else:  # smoke
-    config.model = model(
-        5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch", frozen_stages=-1,
-        fpn_channels=16, num_proposals=10, num_stages=2, num_heads=2, dim_feedforward=32,
-        dim_dynamic=4, max_detections=20)
+    config.model = common.model_section(
+        "sparse_rcnn", num_classes=5, **common.narrow_resnet(4), fpn_channels=16,
+        num_proposals=10, num_stages=2, num_heads=2, dim_feedforward=32, dim_dynamic=4,
+        max_detections=20)
     config.data = common.data_config(
         common.shapes_data(image_size=64, num_train=16, num_val=8),
         common.rcnn_augment(((64, 64),), canvas=(64, 64)),

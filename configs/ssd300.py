@@ -55,8 +55,6 @@ import ml_collections
 
 from configs import common
 from jdet.evaluation import tta
-from jdet.models.backbones.vgg import SSD300_EXTRAS
-from jdet.models.ssd import SSD300_ASPECT_RATIOS
 
 
 # Pixel normalisation of the Caffe VGG16 weights that SSD starts from (RGB mean
@@ -75,15 +73,6 @@ def shapes_tta(config: ml_collections.ConfigDict) -> None:
                     merge="vote")
 
 
-# A narrow VGG16 for 128x128 inputs: maps 16, 8, 4, 2, 1.
-def _narrow(width: int) -> dict:
-  w = width
-  return dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_width=8 * w,
-              extras=((4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 3, 2, 1), (4 * w, 8 * w, 2, 1, 0)),
-              aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), strides=None, norm="batch",
-              size_rule=(0.2, 0.9, 0.1))
-
-
 # The shapes quick start's default boxes: objects of 10 .. 110 pixels in a 128-pixel
 # image are small for strides 8 .. 128 (SSD300's smallest boxes, 30 pixels, sit on a
 # grid of 8), so conv3_3 (stride 4) is the first of six sources, as in S3FD, with
@@ -95,22 +84,20 @@ SHAPES_SOURCES = dict(conv3_3_l2norm_scale=10.0, size_rule=(0.15, 0.9, 0.08),
                       aspect_ratios=((2,), (2,), (2, 3), (2, 3), (2,), (2,)))
 
 
-def model(num_classes: int, *, size: int = 300, dataset: str = "coco") -> ml_collections.ConfigDict:
-  """The SSD300 model section for ``dataset`` ("coco" or "voc") default box sizes."""
-  size_rule = {"coco": (0.15, 0.9, 0.07), "voc": (0.2, 0.9, 0.1)}[dataset]
-  return ml_collections.ConfigDict(dict(
-      num_classes=num_classes, image_size=size, extras=SSD300_EXTRAS,
-      aspect_ratios=SSD300_ASPECT_RATIOS, strides=(8, 16, 32, 64, 100, 300), size_rule=size_rule,
-      score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
+# The default box sizes' rule (s_min, s_max, first level) of SSD300 on each dataset.
+SIZE_RULES = {"coco": (0.15, 0.9, 0.07), "voc": (0.2, 0.9, 0.1)}
+
+
+def model(num_classes: int, *, dataset: str = "coco") -> ml_collections.ConfigDict:
+  """The SSD300 model section (the module's defaults) with ``dataset``'s default box sizes
+  ("coco" or "voc")."""
+  return common.model_section("ssd", num_classes=num_classes, size_rule=SIZE_RULES[dataset])
 
 
 def optim(*, lr: float, milestones, warmup_steps: int = 500) -> ml_collections.ConfigDict:
   """SGD with momentum 0.9 and weight decay 5e-4, linear warm-up, steps of 0.1."""
-  return ml_collections.ConfigDict(dict(
-      name="sgd", lr=lr, momentum=0.9, nesterov=False, weight_decay=5e-4,
-      decay_bias_and_norm=True, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8,
-      schedule="step", warmup_steps=warmup_steps, warmup_factor=0.001,
-      milestones=tuple(milestones), gamma=0.1, min_lr_ratio=0.0, freeze=()))
+  return common.optim_section(name="sgd", lr=lr, weight_decay=5e-4, milestones=milestones,
+                              warmup_steps=warmup_steps)
 
 
 # The ``train`` section (steps, logging, evaluation and checkpoint intervals).
@@ -152,9 +139,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Trained from scratch, so: BatchNorm in the backbone, AdamW, and fc6 without
     # dilation (its map is 8x8 here). The generator never runs out of images,
     # so the SSD augmentation (zoom out, crops, colour) is replaced by flips.
-    config.model = ml_collections.ConfigDict(dict(
-        num_classes=5, image_size=128, **{**_narrow(16), **SHAPES_SOURCES}, fc6_dilation=1,
-        score_threshold=0.01, pre_nms_top_k=200, nms_threshold=0.45, max_detections=100))
+    # A narrow VGG16 (maps 32 with conv3_3, then 16, 8, 4, 2, 1); the default boxes
+    # follow the maps (no fixed strides).
+    config.model = common.model_section(
+        "ssd", num_classes=5, image_size=128, **common.narrow_vgg(16),
+        extras=((64, 128, 3, 2, 1), (64, 128, 3, 2, 1), (64, 128, 2, 1, 0)), strides=None,
+        fc6_dilation=1, **SHAPES_SOURCES)
     config.data = common.data_config(
         common.shapes_quickstart_data(options),
         common.ssd_augment(128, expand_ratio=1.0, photometric=False, crop=False),
@@ -165,10 +155,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         clip_norm=10.0)
     config.train = train(num_steps=2500, log_every=25, eval_every=500, checkpoint_every=500)
   else:  # smoke
-    config.model = ml_collections.ConfigDict(dict(
-        num_classes=5, image_size=64, **_narrow(4), max_detections=20))
-    config.model.extras = ((16, 32, 3, 2, 1), (16, 32, 2, 1, 0))  # maps 8, 4, 2, 1
-    config.model.aspect_ratios = ((2,), (2, 3), (2,), (2,))
+    config.model = common.model_section(
+        "ssd", num_classes=5, image_size=64, **common.narrow_vgg(4),
+        extras=((16, 32, 3, 2, 1), (16, 32, 2, 1, 0)),  # maps 8, 4, 2, 1
+        aspect_ratios=((2,), (2, 3), (2,), (2,)), strides=None, size_rule=(0.2, 0.9, 0.1),
+        max_detections=20)
     config.data = common.data_config(
         common.shapes_data(image_size=64, num_train=16, num_val=8),
         common.ssd_augment(64), batch_size=4, eval_batch_size=4, max_boxes=8)

@@ -28,7 +28,7 @@ Classes: torchvision's ``num_classes`` counts the background (index 0), jdet's
 does not, so a 91-way torchvision head is ``FasterRCNN(num_classes=90)``.
 torchvision's COCO models score the 91 COCO *category ids* (10 unused);
 ``num_classes=80`` keeps the background and the 80 used ids in the label order
-of jdet's COCO source (``COCO_CATEGORY_IDS``), in ``cls_score`` and in
+of jdet's COCO source (:func:`jdet.class_names.coco91_columns`), in ``cls_score`` and in
 ``bbox_pred``'s per-class blocks.
 
 The model these variables load into is ``FasterRCNN(num_classes=...)`` with
@@ -44,6 +44,7 @@ from typing import Mapping
 
 import numpy as np
 
+from jdet.class_names import coco91_columns
 from jdet.convert.resnet import resnet_fpn_backbone_params
 from jdet.convert.torchvision import Reader
 
@@ -81,11 +82,10 @@ def fasterrcnn_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
 
 def _coco_columns(num_outputs: int) -> np.ndarray:
   """Background and the 80 used COCO category ids, in jdet's label order."""
-  from jdet.data.tfds import COCO_CATEGORY_IDS  # the 80 ids, in label order
   if num_outputs != 91:
     raise ValueError(f"num_classes=80 selects COCO's 80 categories from a 91-way head; "
                      f"this head has {num_outputs} outputs")
-  return np.asarray((0,) + tuple(COCO_CATEGORY_IDS))
+  return coco91_columns()
 
 
 def fasterrcnn_resnet50_fpn_params(state_dict: Mapping[str, np.ndarray], *,

@@ -52,6 +52,8 @@ from typing import Mapping
 
 import numpy as np
 
+from jdet.class_names import coco91_columns
+
 __all__ = ["coco91_to_coco80", "ssd300_vgg16_params", "ssd300_vgg16_num_classes", "vgg16_backbone_params",
            "conv_params", "Reader", "VGG16_FEATURE_INDICES"]
 
@@ -200,16 +202,16 @@ def coco91_to_coco80(params: Mapping, model_params: Mapping | None = None) -> di
 
   torchvision's COCO detectors predict a score for each COCO *category id*
   (0 = background, 1 .. 90 with 10 unused ids); jdet's COCO source has 80
-  contiguous labels, label ``l`` being category ``COCO_CATEGORY_IDS[l]``. This
+  contiguous labels, label ``l`` being category ``COCO_CATEGORY_IDS[l]``
+  (:mod:`jdet.class_names`). This
   keeps, per default box, the background column and the columns of the 80
   category ids, in label order, in every ``head/cls_k`` whose width is
   ``P * 91`` (and, given ``model_params``, where the model's is ``P * 81``).
   Other parameters are returned unchanged.
   """
-  from jdet.data.tfds import COCO_CATEGORY_IDS  # the 80 ids, in label order
   if "head" not in params:
     return dict(params)
-  keep = np.asarray((0,) + tuple(COCO_CATEGORY_IDS))
+  keep = coco91_columns()  # [81]
   head = dict(params["head"])
   for name, layer in head.items():
     kernel = np.asarray(layer["kernel"])

@@ -36,7 +36,8 @@ How tfds features become an :class:`Example`:
 * ``objects/label``: the tfds ``ClassLabel``, already contiguous. For COCO,
   tfds keeps the 80 classes in the order of the annotation file's categories
   (sorted by id) but not the original category ids (1..90 with gaps), which
-  pycocotools and published results use: they are :data:`COCO_CATEGORY_IDS`,
+  pycocotools and published results use: they are
+  :data:`jdet.class_names.COCO_CATEGORY_IDS`,
   and ``category_id(label)`` returns them. For VOC, ``category_id`` is
   ``label + 1``.
 * ``objects/is_crowd`` (COCO) -> ``crowd``; ``objects/is_difficult`` (VOC) ->
@@ -65,34 +66,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+# tfds's coco label k is the k-th of the 80 categories in id order.
+from jdet.class_names import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from jdet.data.images import decode_image, orient_boxes, probe_image
 from jdet.data.records import Example, SkipLog, clean_boxes
 
-__all__ = ["TfdsSource", "COCO_CATEGORY_IDS", "COCO_CLASS_NAMES", "tfds_annotations",
-           "TensorFlowRequiredError"]
-
-# The 80 COCO detection categories, in id order: (id, name). tfds's coco label k
-# is the k-th of them.
-_COCO_CATEGORIES = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
-    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
-    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
-    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
-    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
-    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
-    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
-    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"),
-    (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"),
-    (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"),
-    (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"),
-    (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
-    (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
-)
-COCO_CATEGORY_IDS = tuple(i for i, _ in _COCO_CATEGORIES)
-COCO_CLASS_NAMES = tuple(name for _, name in _COCO_CATEGORIES)
+__all__ = ["TfdsSource", "tfds_annotations", "TensorFlowRequiredError"]
 
 _PREPARE_HINT = ("Prepare it once where TensorFlow is installed (pip install tensorflow): "
                  "tfds build {name} --data_dir {data_dir} --file_format=array_record")

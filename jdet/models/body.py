@@ -3,21 +3,24 @@
 * :class:`ResNetFPN`: ResNet C2..C5 (:mod:`jdet.models.backbones.resnet`)
   and an FPN on them (:mod:`jdet.models.necks.fpn`), P2..P5 plus ``num_extra``
   max-pooled levels (Faster R-CNN's P6; none for Sparse R-CNN). A detector
-  holds it with :func:`flax.linen.share_scope`, so its variables keep the
-  names ``backbone/...`` and ``neck/...`` at the detector's top level (the
-  names the weight converters write).
+  inherits its :class:`BodyFields`, builds it with
+  ``build_from_fields(ResNetFPN, self, num_extra=...)``
+  (:func:`jdet.models.detector.build_from_fields`) and holds it with
+  :func:`flax.linen.share_scope`, so its variables keep the names
+  ``backbone/...`` and ``neck/...`` at the detector's top level (the names
+  the weight converters write).
 * :func:`roi_features`: multi-level RoIAlign of a batch of boxes from the
   first levels of the pyramid (:func:`jdet.ops.roi_align.multilevel_roi_align`,
   level ``floor(4 + log2(sqrt(area) / 224))``), with no gradient through the
   boxes.
 
-Shapes: B images, H x W input, L levels, K boxes per image, S x S RoI output,
-C channels.
+Shapes (the letters of :mod:`jdet.models.detector`): B images, H x W input,
+L levels, R RoIs per image (proposals, sampled RoIs or learnable proposals),
+D feature channels; RoIAlign gives ``s x s`` cells (``output_size``, 7).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,16 +31,16 @@ from jdet.models.backbones.resnet import ResNet
 from jdet.models.necks.fpn import FPN
 from jdet.ops.roi_align import multilevel_roi_align
 
-__all__ = ["BodyFields", "ResNetFPN", "roi_features", "body_of", "frozen_body_parameters",
-           "BODY_FIELDS"]
+__all__ = ["BodyFields", "ResNetFPN", "roi_features", "frozen_body_parameters"]
 
 
 class BodyFields(nn.Module):
   """The fields a detector shares with its ResNet-FPN body, under the same names.
 
   A detector built on the body inherits them (``class FasterRCNN(BodyFields)``)
-  and builds the body with :func:`body_of`; its config sets them as its own
-  (``--config.model.depth=101``).
+  and builds the body from them with
+  :func:`~jdet.models.detector.build_from_fields`; its config sets them as
+  its own (``--config.model.depth=101``).
 
   Attributes:
     depth, widths, stem_width, norm, norm_eps, frozen_stages: the ResNet
@@ -56,10 +59,6 @@ class BodyFields(nn.Module):
   fpn_channels: int = 256
   dtype: Any = jnp.float32
 
-
-# The names of the fields above.
-BODY_FIELDS = tuple(f.name for f in dataclasses.fields(BodyFields)
-                    if f.name not in ("parent", "name"))
 
 
 class ResNetFPN(BodyFields):
@@ -90,15 +89,9 @@ class ResNetFPN(BodyFields):
     return ResNet(frozen_stages=self.frozen_stages, parent=None).freeze_patterns("backbone/")
 
   def __call__(self, image, *, train: bool = False) -> list[jnp.ndarray]:
-    """``image [B, H, W, 3]`` -> levels ``[B, ceil(H / s), ceil(W / s), fpn_channels]``."""
+    """``image [B, H, W, 3]`` -> levels ``[B, ceil(H / stride), ceil(W / stride), D]``
+    (``D = fpn_channels``)."""
     return list(self.neck(self.backbone(image, train=train)))
-
-
-def body_of(detector: Any, *, num_extra: int) -> ResNetFPN:
-  """The :class:`ResNetFPN` of a detector that has the :data:`BODY_FIELDS`; call it in the
-  detector's ``setup`` and share its scope (``nn.share_scope(self, self.body)``)."""
-  fields = {f: getattr(detector, f) for f in BODY_FIELDS}
-  return ResNetFPN(**{**fields, "widths": tuple(fields["widths"])}, num_extra=num_extra)
 
 
 def frozen_body_parameters(frozen_stages: int) -> tuple[str, ...]:
@@ -109,17 +102,17 @@ def frozen_body_parameters(frozen_stages: int) -> tuple[str, ...]:
 def roi_features(features: Sequence[jnp.ndarray], rois, *, strides: Sequence[int],
                  output_size: int = 7, sampling_ratio: int = 2,
                  aligned: bool = True) -> jnp.ndarray:
-  """RoIAlign of ``rois [B, K, 4]`` (input pixels) from the levels ``features``.
+  """RoIAlign of ``rois [B, R, 4]`` (input pixels) from the levels ``features``.
 
   Args:
-    features: ``[B, H_l, W_l, C]`` per level, finest first (as many as ``strides``).
-    rois: ``[B, K, 4]`` xyxy; they carry no gradient (the boxes are a stopped input).
+    features: ``[B, H_l, W_l, D]`` per level, finest first (as many as ``strides``).
+    rois: ``[B, R, 4]`` xyxy; they carry no gradient (the boxes are a stopped input).
     strides: of the levels, consecutive powers of two (``(4, 8, 16, 32)``).
     output_size, sampling_ratio, aligned: of RoIAlign (torchvision's Faster
       R-CNN: 7, 2, False; MMDetection and Sparse R-CNN: 7, 2, True).
   Returns:
-    ``[B, K, S, S, C]``. Padding RoIs are pooled too (from real features):
-    mask their results.
+    ``[B, R, s, s, D]`` with ``s = output_size``. Padding RoIs are pooled too
+    (from real features): mask their results.
   """
   levels = list(features[:len(strides)])
 

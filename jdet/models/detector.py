@@ -55,27 +55,39 @@ key             shape, dtype           meaning
 Only ``image`` is required by ``predict``; the helpers below supply the
 defaults (the whole input is the image, every image valid).
 
+Fields shared with parts
+------------------------
+A setting has one home, the field of the module that uses it. Where a
+detector passes settings on to a part, both inherit the part's *field class*
+(``BodyFields``, ``VGGFields``, ``StageFields``, ...) and the part is built
+from the detector's values of those fields: :func:`build_from_fields`.
+:func:`field_names` lists a module's fields (``jdet.build_model`` refuses
+any other key).
+
 Shape letters (one letter, one meaning, across :mod:`jdet.models`)
 -----------------------------------------------------------------
 B images, H x W input, M padded ground-truth boxes, C foreground classes (a
 softmax head adds background internally: ``C + 1``), A anchors or default
 boxes, L feature levels, P proposals (RPN), S sampled RoIs, N learnable
-proposals (Sparse R-CNN), K detections per image (``max_detections``).
+proposals (Sparse R-CNN), R RoIs of any of these three kinds, D feature
+channels, K detections per image (``max_detections``), T Sparse R-CNN stages.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jdet import boxes as box_lib
 from jdet.detections import Detections
 
-__all__ = ["Detector", "supports_tta", "image_sizes", "image_valid", "gt_labels",
-           "to_original_pixels", "finalize_detections", "pad_to", "encode_positives",
-           "TTA_METHODS"]
+__all__ = ["Detector", "supports_tta", "field_names", "build_from_fields", "real_image_sizes",
+           "image_valid", "gt_labels", "to_original_pixels", "finalize_detections", "pad_to",
+           "encode_positives", "TTA_METHODS"]
 
 
 @runtime_checkable
@@ -107,16 +119,64 @@ def supports_tta(model: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------
+# Fields shared with parts.
+# ----------------------------------------------------------------------------
+
+_Part = TypeVar("_Part", bound=nn.Module)
+
+
+def field_names(cls: type[nn.Module]) -> tuple[str, ...]:
+  """The settings of a Linen module class, in order: its dataclass fields without
+  Flax's ``parent`` and ``name`` (``field_names(BodyFields)`` -> ``("depth", ...)``)."""
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
+
+
+def _field_classes(cls: type) -> list[type]:
+  return [c for c in cls.__mro__ if c is not nn.Module and isinstance(c, type)
+          and issubclass(c, nn.Module)]
+
+
+def build_from_fields(part: type[_Part], owner: nn.Module, **settings: Any) -> _Part:
+  """``part`` built with ``owner``'s values of the fields they share, plus ``settings``.
+
+  The shared fields are those of every field class that both ``part`` and
+  ``owner``'s class inherit: ``build_from_fields(ResNetFPN, faster_rcnn,
+  num_extra=1)`` passes ``depth``, ``widths``, ... (:class:`BodyFields`) from
+  the detector and ``num_extra`` as given. ``part``'s other fields keep their
+  defaults unless ``settings`` name them; a setting may not name a shared
+  field (the owner's field is its one home). Lists become tuples (a config
+  override may give a list).
+  """
+  owner_classes = set(_field_classes(type(owner)))
+  shared = []
+  for cls in _field_classes(part):
+    if cls in owner_classes and cls is not part:
+      shared += [f for f in field_names(cls) if f not in shared]
+  twice = sorted(set(shared) & set(settings))
+  if twice:
+    raise ValueError(f"{part.__name__}: {twice} come from {type(owner).__name__}'s fields, "
+                     f"not from settings")
+  values = {f: getattr(owner, f) for f in shared}
+  values = {f: tuple(v) if isinstance(v, list) else v for f, v in values.items()}
+  return part(**values, **settings)
+
+
+# ----------------------------------------------------------------------------
 # Reading the batch.
 # ----------------------------------------------------------------------------
 
 
-def image_sizes(batch) -> jnp.ndarray:
-  """``batch["image_size"]`` or, without it, the whole input: ``[B, 2]`` int32 ``(h, w)``."""
+def real_image_sizes(batch) -> jnp.ndarray:
+  """``(h, w)`` of each real image inside the input, ``[B, 2]`` int32:
+  ``batch["image_size"]`` or, without it, the whole input."""
   if "image_size" in batch:
     return jnp.asarray(batch["image_size"], jnp.int32)
   image = batch["image"]
   return jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32), (image.shape[0], 2))
+
+
+# The former name of real_image_sizes (a data source's image_sizes() are stored sizes).
+image_sizes = real_image_sizes
 
 
 def image_valid(batch) -> jnp.ndarray:

@@ -8,36 +8,41 @@ read top to bottom:
    ResNet C2..C5 at strides 4..32 (frozen BatchNorm and a frozen stem +
    stage 1 by default), FPN P2..P5 with 256 channels, P6 by max-pooling P5
    (stride 64).
-3. **RPN head** (:class:`jdet.models.heads.rpn_head.RPNHead`): on every level a
+2. **RPN head** (:class:`jdet.models.heads.rpn_head.RPNHead`): on every level a
    3x3 conv, then 1 objectness logit and 4 offsets per anchor.
-4. **Anchors** (:func:`jdet.ops.anchors.multilevel_grid_anchors`): sizes 32,
+3. **Anchors** (:func:`jdet.ops.anchors.multilevel_grid_anchors`): sizes 32,
    64, 128, 256, 512 on P2..P6, ratios 0.5, 1, 2 (3 per location), as
    torchvision's ``AnchorGenerator``; level ``l`` has stride ``strides[l]``.
-5. **RPN targets and loss** (:mod:`jdet.models.rpn`: :func:`rpn_targets`, :func:`rpn_loss`): max-IoU
+4. **RPN targets and loss** (:mod:`jdet.models.rpn`: :func:`rpn_targets`, :func:`rpn_loss`): max-IoU
    matching (positive at IoU >= 0.7, negative below 0.3, plus each box's best
    anchors), 256 anchors sampled per image at most half positive; binary
    cross-entropy and smooth L1 (beta 1/9), both divided by the number of
    sampled anchors in the batch.
-6. **Proposals** (:func:`jdet.models.rpn.rpn_proposals`): per level the ``pre_nms_top_n``
+5. **Proposals** (:func:`jdet.models.rpn.rpn_proposals`): per level the ``pre_nms_top_n``
    best anchors by objectness (2000 in training, 1000 at test), decoded,
    clipped to the image, tiny boxes dropped, NMS at 0.7 per level, then the
    ``post_nms_top_n`` best over all levels (2000 / 1000), padded and masked.
    No gradient flows through them.
-7. **RoI sampling** (:func:`rcnn_targets`): the ground-truth boxes join the
+6. **RoI sampling** (:func:`rcnn_targets`): the ground-truth boxes join the
    proposals; max-IoU matching at 0.5 (no low-quality matches); 512 RoIs
    sampled per image at most a quarter positive, gathered into a fixed-size
    set with a mask.
-8. **RoI head** (:class:`jdet.models.heads.roi_head.RoIBoxHead`): multi-level
+7. **RoI head** (:class:`jdet.models.heads.roi_head.RoIBoxHead`): multi-level
    RoIAlign 7x7 (:func:`jdet.models.body.roi_features`, sampling
    ratio 2, ``aligned=False``, P2..P5 by the 224 / level-4 rule, as
    torchvision's ``MultiScaleRoIAlign``), two fully connected layers of 1024,
    ``num_classes + 1`` class logits (background 0) and per-class offsets
    (weights 10, 10, 5, 5).
-9. **R-CNN loss** (:func:`rcnn_loss`): softmax cross-entropy and smooth L1
+8. **R-CNN loss** (:func:`rcnn_loss`): softmax cross-entropy and smooth L1
    (beta 1/9) at the target class, both divided by the number of sampled RoIs.
-10. **Decode** (:func:`decode_detections`): softmax, per-class boxes from the
-    proposals, clipped, score > 0.05, tiny boxes dropped, per-class NMS at
-    0.5, the 100 best per image, in original image pixels.
+9. **Decode** (:func:`decode_detections`): softmax, per-class boxes from the
+   proposals, clipped, score > 0.05, tiny boxes dropped, per-class NMS at
+   0.5, the 100 best per image, in original image pixels.
+
+The detector's fields come in groups it inherits: the body's
+(:class:`~jdet.models.body.BodyFields`), the RPN's
+(:class:`~jdet.models.rpn.RPNFields`: anchors and ``rpn_*``) and the second
+stage's (:class:`RCNNFields`: ``roi_*``, ``rcnn_*`` and inference).
 
 Fixed shapes throughout: ground truth is padded (label -1); sampling gives
 masks and a fixed number of RoIs; NMS returns padded indices; proposals and
@@ -61,7 +66,7 @@ multiples of 64 (those of the configs).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -73,16 +78,18 @@ from jdet import losses
 from jdet.assign.max_iou import max_iou_assign
 from jdet.assign.sampling import sample_balanced
 from jdet.detections import Detections
-from jdet.models.body import BodyFields, body_of, frozen_body_parameters, roi_features
-from jdet.models.detector import (encode_positives, finalize_detections, gt_labels, image_sizes,
-                                  image_valid)
+from jdet.models.body import BodyFields, ResNetFPN, frozen_body_parameters, roi_features
+from jdet.models.detector import (build_from_fields, encode_positives, finalize_detections,
+                                  gt_labels, image_valid, real_image_sizes)
 from jdet.models.heads.roi_head import RoIBoxHead
 from jdet.models.heads.rpn_head import RPNHead
-from jdet.models.rpn import RPN_BOX_STDS, Proposals, rpn_loss, rpn_proposals, rpn_targets
+from jdet.models.rpn import (RPN_BOX_STDS, Proposals, RPNFields, rpn_loss, rpn_proposals,
+                             rpn_targets)
 from jdet.ops.anchors import multilevel_grid_anchors, num_anchors_per_location
 from jdet.ops.nms import class_specific_nms
 
-__all__ = ["FasterRCNN", "rcnn_targets", "rcnn_loss", "decode_detections", "RCNN_BOX_STDS",
+__all__ = ["FasterRCNN", "RCNNFields", "rcnn_targets", "rcnn_loss", "decode_detections",
+           "RCNN_BOX_STDS",
            # the RPN stage, from jdet.models.rpn:
            "Proposals", "rpn_targets", "rpn_loss", "rpn_proposals", "RPN_BOX_STDS"]
 
@@ -195,7 +202,7 @@ def decode_detections(logits, deltas, proposals: Proposals, batch, *, score_thre
   """
   scores = jax.nn.softmax(box_lib.as_f32(logits), axis=-1)[..., 1:]  # [B, P, C]
   boxes = box_lib.decode(deltas[..., 1:, :], proposals.boxes[:, :, None, :], stds=box_stds)
-  boxes = box_lib.clip(boxes, image_sizes(batch)[:, None, None, :])  # [B, P, C, 4]
+  boxes = box_lib.clip(boxes, real_image_sizes(batch)[:, None, None, :])  # [B, P, C, 4]
   wh = boxes[..., 2:] - boxes[..., :2]
   ok = proposals.valid[..., None] & (scores > score_threshold) & jnp.all(wh >= min_size, axis=-1)
   det_boxes, det_scores, labels, valid = class_specific_nms(
@@ -210,48 +217,22 @@ def decode_detections(logits, deltas, proposals: Proposals, batch, *, score_thre
 # ----------------------------------------------------------------------------
 
 
-class FasterRCNN(BodyFields, kw_only=True):
-  """Faster R-CNN with a ResNet-FPN backbone (defaults: R50-FPN, torchvision's settings).
+class RCNNFields(nn.Module):
+  """The second stage's settings (torchvision's values), which Faster R-CNN inherits.
 
   Attributes:
-    the body's (:class:`~jdet.models.body.BodyFields`: depth, widths, stem_width,
-      norm, norm_eps, frozen_stages, fpn_channels, dtype), and
-    num_classes: foreground classes (background is added internally).
-    strides: the strides of P2..P6 (4 .. 64).
-    anchor_sizes: per level the anchor sizes (one per level: 32 .. 512).
-    anchor_ratios: ratios ``h / w`` shared by all levels.
-    rpn_pos_iou, rpn_neg_iou: RPN matching thresholds (0.7, 0.3).
-    rpn_num_samples, rpn_positive_fraction: RPN sampling (256, 0.5).
-    rpn_pre_nms_top_n, rpn_post_nms_top_n: ``(train, test)`` proposals per
-      level before NMS and over all levels after it ((2000, 1000) each).
-    rpn_nms_threshold, rpn_min_size, rpn_score_threshold: (0.7, 1e-3, 0).
-    rpn_smooth_l1_beta: (1/9).
     roi_levels: how many FPN levels RoIAlign reads (4: P2..P5).
     roi_output_size, roi_sampling_ratio, roi_aligned: RoIAlign (7, 2, False).
-    representation_size: width of the two fully connected layers (1024).
-    rcnn_pos_iou, rcnn_neg_iou: RoI matching thresholds (0.5, 0.5).
-    rcnn_num_samples, rcnn_positive_fraction: RoI sampling (512, 0.25).
+    representation_size: width of the RoI head's two fully connected layers (1024).
+    rcnn_pos_iou, rcnn_neg_iou: RoI matching thresholds of :func:`rcnn_targets` (0.5, 0.5).
+    rcnn_num_samples, rcnn_positive_fraction: its sampling (512, 0.25).
     rcnn_box_stds: the head's offset scaling (0.1, 0.1, 0.2, 0.2: weights 10, 10, 5, 5).
-    rcnn_smooth_l1_beta: (1/9).
+    rcnn_smooth_l1_beta: of :func:`rcnn_loss` (1/9).
     score_threshold, nms_threshold, max_detections, min_box_size: inference
-      (0.05, 0.5, 100, 1e-2).
+      (:func:`decode_detections`: 0.05, 0.5, 100, 1e-2).
     pre_nms_top_k: candidates per class before the final NMS (None: all proposals).
   """
 
-  num_classes: int
-  strides: Sequence[int] = (4, 8, 16, 32, 64)
-  anchor_sizes: Sequence[Any] = (32, 64, 128, 256, 512)
-  anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0)
-  rpn_pos_iou: float = 0.7
-  rpn_neg_iou: float = 0.3
-  rpn_num_samples: int = 256
-  rpn_positive_fraction: float = 0.5
-  rpn_pre_nms_top_n: Sequence[int] = (2000, 1000)
-  rpn_post_nms_top_n: Sequence[int] = (2000, 1000)
-  rpn_nms_threshold: float = 0.7
-  rpn_min_size: float = 1e-3
-  rpn_score_threshold: float = 0.0
-  rpn_smooth_l1_beta: float = 1.0 / 9
   roi_levels: int = 4
   roi_output_size: int = 7
   roi_sampling_ratio: int = 2
@@ -269,12 +250,35 @@ class FasterRCNN(BodyFields, kw_only=True):
   min_box_size: float = 1e-2
   pre_nms_top_k: int | None = None
 
+
+class FasterRCNN(BodyFields, RPNFields, RCNNFields, kw_only=True):
+  """Faster R-CNN with a ResNet-FPN backbone (defaults: R50-FPN, torchvision's settings).
+
+  Attributes:
+    the body's (:class:`~jdet.models.body.BodyFields`: depth, widths, stem_width,
+      norm, norm_eps, frozen_stages, fpn_channels, dtype),
+    the RPN's (:class:`~jdet.models.rpn.RPNFields`: anchor_sizes, anchor_ratios,
+      rpn_pos_iou, rpn_neg_iou, rpn_num_samples, rpn_positive_fraction,
+      rpn_pre_nms_top_n, rpn_post_nms_top_n, rpn_nms_threshold, rpn_min_size,
+      rpn_score_threshold, rpn_smooth_l1_beta),
+    the second stage's (:class:`RCNNFields`: roi_levels, roi_output_size,
+      roi_sampling_ratio, roi_aligned, representation_size, rcnn_pos_iou,
+      rcnn_neg_iou, rcnn_num_samples, rcnn_positive_fraction, rcnn_box_stds,
+      rcnn_smooth_l1_beta, score_threshold, nms_threshold, max_detections,
+      min_box_size, pre_nms_top_k), and
+    num_classes: foreground classes (background is added internally).
+    strides: the strides of P2..P6 (4 .. 64), of the anchors and of RoIAlign.
+  """
+
+  num_classes: int
+  strides: Sequence[int] = (4, 8, 16, 32, 64)
+
   def setup(self):
     per_location = num_anchors_per_location(self._anchor_sizes(), self.anchor_ratios)
     if len(set(per_location)) != 1:
       raise ValueError(f"the shared RPN head needs as many anchors per location on every level; "
                        f"anchor_sizes {self.anchor_sizes} give {per_location}")
-    self.body = body_of(self, num_extra=len(self.strides) - 4)
+    self.body = build_from_fields(ResNetFPN, self, num_extra=len(self.strides) - 4)
     nn.share_scope(self, self.body)  # variables: backbone/..., neck/...
     self.rpn_head = RPNHead(num_anchors=per_location[0], dtype=self.dtype)
     self.roi_head = RoIBoxHead(num_classes=self.num_classes,
@@ -323,7 +327,7 @@ class FasterRCNN(BodyFields, kw_only=True):
                      valid=valid)
 
   def roi_features(self, features: Sequence[jnp.ndarray], rois) -> jnp.ndarray:
-    """RoIAlign of ``rois [B, K, 4]`` from P2 .. P(1 + roi_levels) -> ``[B, K, S, S, C]``
+    """RoIAlign of ``rois [B, R, 4]`` from P2 .. P(1 + roi_levels) -> ``[B, R, s, s, D]``
     (:func:`jdet.models.body.roi_features`; padding RoIs are pooled too: mask them)."""
     return roi_features(features, rois, strides=tuple(self.strides[:self.roi_levels]),
                         output_size=self.roi_output_size,
@@ -339,7 +343,7 @@ class FasterRCNN(BodyFields, kw_only=True):
     ``image_size`` (``[B, 2]`` real ``(h, w)``) defaults to the whole input.
     """
     if image_size is None:
-      image_size = image_sizes({"image": image})
+      image_size = real_image_sizes({"image": image})
     features = self.features(image, train=train)
     logits, deltas, anchors, level_counts = self.rpn(features)
     proposals = self._proposals(logits, deltas, anchors, level_counts, image_size, train=train)
@@ -353,7 +357,7 @@ class FasterRCNN(BodyFields, kw_only=True):
     (for sampling): ``model.apply(..., method="loss", rngs={"sampling": key})``."""
     image = batch["image"]
     b = image.shape[0]
-    image_size = image_sizes(batch)
+    image_size = real_image_sizes(batch)
     valid_images = image_valid(batch)
     gt_boxes = box_lib.as_f32(batch["boxes"])
     labels = gt_labels(batch)
@@ -402,11 +406,12 @@ class FasterRCNN(BodyFields, kw_only=True):
     """The RPN's proposals (input pixels) with the test-time (or training) numbers."""
     features = self.features(batch["image"], train=False)
     logits, deltas, anchors, level_counts = self.rpn(features)
-    return self._proposals(logits, deltas, anchors, level_counts, image_sizes(batch), train=train)
+    return self._proposals(logits, deltas, anchors, level_counts, real_image_sizes(batch),
+                           train=train)
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels, ``max_detections`` per image."""
-    proposals, cls_logits, box_deltas = self(batch["image"], image_sizes(batch), train=False)
+    proposals, cls_logits, box_deltas = self(batch["image"], real_image_sizes(batch), train=False)
     return decode_detections(cls_logits, box_deltas, proposals, batch,
                              score_threshold=self.score_threshold,
                              nms_threshold=self.nms_threshold, max_detections=self.max_detections,

@@ -2,12 +2,13 @@
 
 * :func:`ssd_targets`: one image's matching of default boxes (anchors) to
   ground truth: each box's best anchor forced positive, then every anchor with
-  IoU >= 0.5; offsets encoded with variances 0.1 / 0.2 (:data:`BOX_STDS`).
+  IoU >= 0.5; offsets encoded with variances 0.1 / 0.2 (:data:`SSD_BOX_STDS`).
 * :func:`ssd_loss`: smooth L1 on the positives plus softmax cross-entropy on
   the positives and the hardest negatives (3 per positive), both divided by
   the number of positives in the batch. RefineDet runs it twice (ARM, ODM).
 * :func:`multibox_detections`: per-class NMS of class-agnostic boxes into
-  :class:`jdet.Detections` in original pixels.
+  :class:`jdet.Detections` in original pixels (each detector's ``predict``
+  runs it on its ``candidates``).
 * :class:`MultiBoxFields`: the settings of the three above, which both
   detectors inherit as their own fields.
 
@@ -31,18 +32,17 @@ from jdet.detections import Detections
 from jdet.models.detector import encode_positives, finalize_detections
 from jdet.ops.nms import multiclass_nms
 
-__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields", "BOX_STDS"]
+__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields", "SSD_BOX_STDS"]
 
-# SSD's "variances": centre offsets are divided by 0.1, log sizes by 0.2.
-BOX_STDS = (0.1, 0.1, 0.2, 0.2)
+# SSD's "variances" (RefineDet's too): centre offsets are divided by 0.1, log sizes by 0.2.
+SSD_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
 
 
 class MultiBoxFields(nn.Module):
-  """The matching, loss and inference settings SSD and RefineDet share (SSD's
-  values), and their ``predict``: per-class NMS of the detector's ``candidates``.
+  """The matching, loss and inference settings SSD and RefineDet share (SSD's values).
 
   Attributes:
-    iou_threshold: matching threshold (0.5).
+    match_iou: an anchor matches a box at IoU ``>=`` it (0.5).
     box_stds: encoding variances (0.1, 0.1, 0.2, 0.2).
     neg_pos_ratio: hard negatives per positive (3).
     smooth_l1_beta: smooth L1 transition (1).
@@ -51,8 +51,8 @@ class MultiBoxFields(nn.Module):
     dtype: computation dtype of the convolutions (float32 or bfloat16).
   """
 
-  iou_threshold: float = 0.5
-  box_stds: Sequence[float] = BOX_STDS
+  match_iou: float = 0.5
+  box_stds: Sequence[float] = SSD_BOX_STDS
   neg_pos_ratio: float = 3.0
   smooth_l1_beta: float = 1.0
   score_threshold: float = 0.01
@@ -61,33 +61,21 @@ class MultiBoxFields(nn.Module):
   max_detections: int = 100
   dtype: Any = jnp.float32
 
-  def candidates(self, batch):
-    """``(boxes [B, A, 4]`` input pixels, clipped, ``scores [B, A, C])`` before NMS."""
-    raise NotImplementedError
-
-  def predict(self, batch) -> Detections:
-    """Detections in original-image pixels, ``max_detections`` per image."""
-    boxes, scores = self.candidates(batch)
-    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                               pre_nms_top_k=self.pre_nms_top_k,
-                               nms_threshold=self.nms_threshold,
-                               max_detections=self.max_detections)
-
 
 # ----------------------------------------------------------------------------
 # Targets and loss: pure functions.
 # ----------------------------------------------------------------------------
 
 
-def ssd_targets(anchors, gt_boxes, gt_labels, *, iou_threshold: float = 0.5,
-                box_stds: Sequence[float] = BOX_STDS):
+def ssd_targets(anchors, gt_boxes, gt_labels, *, match_iou: float = 0.5,
+                box_stds: Sequence[float] = SSD_BOX_STDS):
   """SSD's matching for one image.
 
   Args:
     anchors: ``[A, 4]`` default boxes, xyxy pixels.
     gt_boxes: ``[M, 4]`` ground truth, xyxy pixels, padded.
     gt_labels: ``[M]`` int class in ``0 .. C-1``; ``-1`` marks padding.
-    iou_threshold: positive at IoU ``>=`` it (0.5); the rest is background.
+    match_iou: positive at IoU ``>=`` it (0.5); the rest is background.
     box_stds: the encoding variances.
   Returns:
     ``(classes [A] int32`` with 0 = background and ``c + 1`` for class ``c``,
@@ -95,8 +83,8 @@ def ssd_targets(anchors, gt_boxes, gt_labels, *, iou_threshold: float = 0.5,
     ``positive [A] bool)``.
   """
   gt_labels = jnp.asarray(gt_labels, jnp.int32)
-  assignment = max_iou_assign(anchors, gt_boxes, gt_labels >= 0, pos_iou_thr=iou_threshold,
-                              neg_iou_thr=iou_threshold, low_quality="force")
+  assignment = max_iou_assign(anchors, gt_boxes, gt_labels >= 0, pos_iou_thr=match_iou,
+                              neg_iou_thr=match_iou, low_quality="force")
   positive = assignment.labels == POSITIVE
   matched = box_lib.as_f32(gt_boxes)[assignment.matched_gt]  # [A, 4]
   classes = jnp.where(positive, gt_labels[assignment.matched_gt] + 1, 0).astype(jnp.int32)
@@ -146,7 +134,7 @@ def ssd_loss(logits, deltas, target_classes, target_deltas, positive, *,
 
 
 def multibox_detections(boxes, scores, batch, *, score_threshold: float, pre_nms_top_k: int,
-                      nms_threshold: float, max_detections: int) -> Detections:
+                        nms_threshold: float, max_detections: int) -> Detections:
   """Per-class NMS of ``boxes [B, A, 4]`` (input pixels) with ``scores [B, A, C]``
   -> :class:`Detections` in original pixels (SSD's and RefineDet's last step)."""
   idx, det_scores, labels = multiclass_nms(boxes, scores, score_threshold=score_threshold,

@@ -53,11 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdet import boxes as box_lib
-from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGGFields, vgg_of
+from jdet.detections import Detections
+from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGG16, VGGFields
+from jdet.models.detector import build_from_fields, image_valid, real_image_sizes
 from jdet.models.heads.refinedet_head import TransferConnectionBlock
-from jdet.models.detector import image_sizes, image_valid
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.models.multibox import BOX_STDS, MultiBoxFields, ssd_loss, ssd_targets
+from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
+                                  ssd_targets)
 from jdet.ops.anchors import ssd_default_boxes
 
 __all__ = ["RefineDet", "RefineDetOutputs", "RefineDetTargets", "refine_anchors",
@@ -89,7 +91,7 @@ class RefineDetOutputs:
 # ----------------------------------------------------------------------------
 
 
-def refine_anchors(anchors, arm_deltas, *, box_stds: Sequence[float] = BOX_STDS):
+def refine_anchors(anchors, arm_deltas, *, box_stds: Sequence[float] = SSD_BOX_STDS):
   """The ARM's step: ``anchors [A, 4]`` moved by ``arm_deltas [B, A, 4]`` ->
   ``[B, A, 4]`` xyxy refined anchors, without gradient (the ODM's targets and
   boxes are relative to them, but do not train the ARM)."""
@@ -134,7 +136,7 @@ class RefineDetTargets:
 
 
 def refinedet_targets(anchors, arm_logits, arm_deltas, gt_boxes, gt_labels, *,
-                      iou_threshold: float = 0.5, box_stds: Sequence[float] = BOX_STDS,
+                      match_iou: float = 0.5, box_stds: Sequence[float] = SSD_BOX_STDS,
                       filter_threshold: float = 0.99) -> RefineDetTargets:
   """The targets of both modules for a batch, on device, with fixed shapes.
 
@@ -150,14 +152,14 @@ def refinedet_targets(anchors, arm_logits, arm_deltas, gt_boxes, gt_labels, *,
     arm_deltas: ``[B, A, 4]`` the ARM's offsets (for the refined anchors).
     gt_boxes: ``[B, M, 4]`` xyxy ground truth, input pixels, padded.
     gt_labels: ``[B, M]`` int class ``0 .. C-1``, ``-1`` for padding.
-    iou_threshold: matching threshold of both modules (0.5).
+    match_iou: matching threshold of both modules (0.5).
     box_stds: encoding variances (0.1, 0.1, 0.2, 0.2).
     filter_threshold: background probability above which an anchor is filtered.
   Returns:
     :class:`RefineDetTargets`.
   """
   gt_labels = jnp.asarray(gt_labels, jnp.int32)
-  match = functools.partial(ssd_targets, iou_threshold=iou_threshold, box_stds=box_stds)
+  match = functools.partial(ssd_targets, match_iou=match_iou, box_stds=box_stds)
   objects = jnp.where(gt_labels >= 0, 0, -1)  # [B, M]: one foreground class
   arm_classes, arm_deltas_t, arm_positive = jax.vmap(match, in_axes=(None, 0, 0))(
       anchors, gt_boxes, objects)  # [B, A], [B, A, 4], [B, A]
@@ -218,7 +220,8 @@ def refinedet_loss(arm_logits, arm_deltas, odm_logits, odm_deltas, targets: Refi
 
 
 def refinedet_candidates(outputs: RefineDetOutputs, image_size, *,
-                         box_stds: Sequence[float] = BOX_STDS, filter_threshold: float = 0.99):
+                         box_stds: Sequence[float] = SSD_BOX_STDS,
+                         filter_threshold: float = 0.99):
   """Every anchor decoded twice, before NMS: ``(boxes [B, A, 4], scores [B, A, C])``.
 
   Boxes: anchors -> ARM offsets -> ODM offsets, in input pixels, clipped to
@@ -251,9 +254,9 @@ class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
       level must halve the resolution), norm (``"batch"`` also puts BatchNorm
       in the TCB), conv3_3_l2norm_scale (if set, conv3_3 is a source too, the
       first level: the 128-pixel quick start uses 10), dtype),
-    the matching, loss and inference settings and the NMS of ``predict``
+    the matching, loss and inference settings
       (:class:`~jdet.models.multibox.MultiBoxFields`, used by both the ARM and
-      the ODM: iou_threshold, box_stds, neg_pos_ratio, smooth_l1_beta,
+      the ODM: match_iou, box_stds, neg_pos_ratio, smooth_l1_beta,
       score_threshold, pre_nms_top_k (1000 per class here), nms_threshold,
       max_detections (100; the Caffe model keeps 500)), and
     l2norm_scales: initial L2Norm scales of conv4_3 and conv5_3 (10, 8).
@@ -285,8 +288,9 @@ class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
   def setup(self):
     if len(self.l2norm_scales) != 2:
       raise ValueError(f"l2norm_scales is (conv4_3, conv5_3), got {self.l2norm_scales!r}")
-    self.backbone = vgg_of(self, l2norm_scale=self.l2norm_scales[0], pool5_stride=2,
-                           conv5_3_l2norm_scale=self.l2norm_scales[1], extras_first=6)
+    self.backbone = build_from_fields(VGG16, self, l2norm_scale=self.l2norm_scales[0],
+                                      pool5_stride=2, conv5_3_l2norm_scale=self.l2norm_scales[1],
+                                      extras_first=6)
     per_location = [self.anchors_per_location] * self.num_levels
     self.arm = SSDHead(2, per_location, dtype=self.dtype)
     self.tcb = TransferConnectionBlock(self.tcb_width, norm=self.norm, dtype=self.dtype)
@@ -351,7 +355,7 @@ class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
     """ARM + ODM loss of a batch (see :func:`refinedet_loss`) -> ``(loss, metrics)``."""
     out = self(batch["image"], train=train)
     targets = refinedet_targets(out.anchors, out.arm_logits, out.arm_deltas, batch["boxes"],
-                                batch["labels"], iou_threshold=self.iou_threshold,
+                                batch["labels"], match_iou=self.match_iou,
                                 box_stds=self.box_stds, filter_threshold=self.filter_threshold)
     return refinedet_loss(out.arm_logits, out.arm_deltas, out.odm_logits, out.odm_deltas, targets,
                           neg_pos_ratio=self.neg_pos_ratio, smooth_l1_beta=self.smooth_l1_beta,
@@ -366,8 +370,15 @@ class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
     (:mod:`jdet.evaluation.tta`) start from here.
     """
     out = self(batch["image"], train=False)
-    return refinedet_candidates(out, image_sizes(batch),
+    return refinedet_candidates(out, real_image_sizes(batch),
                                 box_stds=self.box_stds, filter_threshold=self.filter_threshold)
+
+  def predict(self, batch) -> Detections:
+    """Detections in original-image pixels: per-class NMS of the :meth:`candidates`."""
+    boxes, scores = self.candidates(batch)
+    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
+                               pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                               max_detections=self.max_detections)
 
   def at_input_size(self, size: int) -> "RefineDet":
     """The same detector (same variables) for ``size x size`` input, for

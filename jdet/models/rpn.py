@@ -12,6 +12,8 @@ Pure functions that a two-stage detector composes with its RPN head
 * :func:`rpn_proposals`: per level the best anchors by objectness, decoded,
   clipped, tiny boxes dropped, NMS per level, the best over all levels,
   padded and masked (:class:`Proposals`).
+* :class:`RPNFields`: the anchors' and these functions' settings, which a
+  two-stage detector inherits as its own fields (``rpn_*``).
 
 Shapes: B images, A anchors (all levels, level by level), M padded
 ground-truth boxes, P proposals per image.
@@ -19,8 +21,9 @@ ground-truth boxes, P proposals per image.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -32,10 +35,40 @@ from jdet.assign.sampling import sample_balanced
 from jdet.models.detector import encode_positives
 from jdet.ops.nms import DEFAULT_TILE_SIZE, batched_nms
 
-__all__ = ["Proposals", "rpn_targets", "rpn_loss", "rpn_proposals", "RPN_BOX_STDS"]
+__all__ = ["RPNFields", "Proposals", "rpn_targets", "rpn_loss", "rpn_proposals", "RPN_BOX_STDS"]
 
 # The RPN's offsets are plain (weights 1).
 RPN_BOX_STDS = (1.0, 1.0, 1.0, 1.0)
+
+
+class RPNFields(nn.Module):
+  """The RPN's settings (torchvision's values), which Faster R-CNN inherits as its own.
+
+  Attributes:
+    anchor_sizes: per level the anchor sizes in pixels (one per level: 32 .. 512
+      on P2 .. P6), or a tuple of sizes per level.
+    anchor_ratios: ratios ``h / w`` shared by all levels (0.5, 1, 2).
+    rpn_pos_iou, rpn_neg_iou: matching thresholds of :func:`rpn_targets` (0.7, 0.3).
+    rpn_num_samples, rpn_positive_fraction: its sampling (256, 0.5).
+    rpn_pre_nms_top_n, rpn_post_nms_top_n: ``(train, test)`` proposals per
+      level before NMS and over all levels after it ((2000, 1000) each).
+    rpn_nms_threshold, rpn_min_size, rpn_score_threshold: of
+      :func:`rpn_proposals` (0.7, 1e-3, 0).
+    rpn_smooth_l1_beta: of :func:`rpn_loss` (1/9).
+  """
+
+  anchor_sizes: Sequence[Any] = (32, 64, 128, 256, 512)
+  anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+  rpn_pos_iou: float = 0.7
+  rpn_neg_iou: float = 0.3
+  rpn_num_samples: int = 256
+  rpn_positive_fraction: float = 0.5
+  rpn_pre_nms_top_n: Sequence[int] = (2000, 1000)
+  rpn_post_nms_top_n: Sequence[int] = (2000, 1000)
+  rpn_nms_threshold: float = 0.7
+  rpn_min_size: float = 1e-3
+  rpn_score_threshold: float = 0.0
+  rpn_smooth_l1_beta: float = 1.0 / 9
 
 
 @flax.struct.dataclass

@@ -17,7 +17,7 @@ Read top to bottom as the paper's Figure 3:
 4. **Set targets** (:func:`set_targets`): per stage and image a Hungarian
    matching of the N predictions to the image's ground truth
    (:func:`jdet.assign.match_columns`, host or jitted solver) on
-   ``C = 2 * focal cost + 5 * L1 (normalised xyxy) + 2 * (-GIoU)``, with no
+   ``cost = 2 * focal + 5 * L1 (normalised xyxy) + 2 * (-GIoU)``, with no
    gradient through the cost.
 5. **Set loss** (:func:`set_loss`): per stage ``2 * focal`` (over all
    ``N x num_classes`` logits) ``+ 5 * L1 + 2 * (1 - GIoU)`` (matched pairs),
@@ -55,9 +55,10 @@ from jdet import boxes as box_lib
 from jdet import losses
 from jdet.assign.hungarian import SOLVERS, match_columns
 from jdet.detections import Detections
-from jdet.models.body import BodyFields, body_of, frozen_body_parameters, roi_features
-from jdet.models.detector import finalize_detections, gt_labels, image_sizes
-from jdet.models.heads.sparse_rcnn_head import STAGE_FIELDS, DynamicStage, StageFields
+from jdet.models.body import BodyFields, ResNetFPN, frozen_body_parameters, roi_features
+from jdet.models.detector import (build_from_fields, finalize_detections, gt_labels,
+                                  real_image_sizes)
+from jdet.models.heads.sparse_rcnn_head import DynamicStage, StageFields
 
 __all__ = ["SparseRCNN", "StageOutputs", "SetTargets", "matching_cost", "set_targets",
            "set_loss", "decode_detections"]
@@ -211,7 +212,7 @@ def decode_detections(logits, boxes, batch, *, max_detections: int) -> Detection
   scores = jax.nn.sigmoid(box_lib.as_f32(logits)).reshape(b, n * c)
   top, idx = jax.lax.top_k(scores, k)  # [B, K]
   det = jnp.take_along_axis(box_lib.as_f32(boxes), (idx // c)[..., None], axis=1)  # [B, K, 4]
-  det = box_lib.clip(det, image_sizes(batch)[:, None, :])
+  det = box_lib.clip(det, real_image_sizes(batch)[:, None, :])
   valid = box_lib.is_valid(det)
   return finalize_detections(det, top, idx % c, valid, batch, max_detections=max_detections)
 
@@ -259,15 +260,15 @@ class SparseRCNN(BodyFields, StageFields):
   def setup(self):
     if self.matcher not in SOLVERS:
       raise ValueError(f"matcher must be one of {SOLVERS}, got {self.matcher!r}")
-    self.body = body_of(self, num_extra=0)
+    self.body = build_from_fields(ResNetFPN, self, num_extra=0)  # P2..P5
     nn.share_scope(self, self.body)  # variables: backbone/..., neck/...
     n, d = self.num_proposals, self.fpn_channels
     self.proposal_boxes = self.param(
         "proposal_boxes", lambda key, shape: jnp.tile(jnp.asarray([0.5, 0.5, 1.0, 1.0]),
                                                       (shape[0], 1)), (n, 4))
     self.proposal_features = self.param("proposal_features", nn.initializers.normal(1.0), (n, d))
-    stage = {f: getattr(self, f) for f in STAGE_FIELDS}  # the stage's fields, by name
-    self.stages = [DynamicStage(**stage, name=f"stage{t}") for t in range(self.num_stages)]
+    self.stages = [build_from_fields(DynamicStage, self, name=f"stage{t}")
+                   for t in range(self.num_stages)]
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexps of the parameters that never train (the frozen ResNet stages)."""
@@ -288,7 +289,7 @@ class SparseRCNN(BodyFields, StageFields):
     image = batch["image"]
     b = image.shape[0]
     features = self.body(image, train=train)  # P2..P5
-    size = image_sizes(batch).astype(jnp.float32)  # [B, 2] (h, w)
+    size = real_image_sizes(batch).astype(jnp.float32)  # [B, 2] (h, w)
     whwh = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], axis=-1)  # [B, 4]
     boxes = box_lib.cxcywh_to_xyxy(box_lib.as_f32(self.proposal_boxes))[None] * whwh[:, None]
     x = jnp.broadcast_to(self.proposal_features, (b,) + self.proposal_features.shape)

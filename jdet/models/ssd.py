@@ -33,20 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdet import boxes as box_lib
-from jdet.models.backbones.vgg import VGGFields, vgg_of
+from jdet.detections import Detections
+from jdet.models.backbones.vgg import VGG16, VGGFields
+from jdet.models.detector import build_from_fields, image_valid, real_image_sizes
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.ops.anchors import num_default_boxes_per_location, ssd_default_boxes, ssd_sizes
-from jdet.models.detector import image_sizes, image_valid
-from jdet.models.multibox import (BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
+from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
                                   ssd_targets)
+from jdet.ops.anchors import num_default_boxes_per_location, ssd_default_boxes, ssd_sizes
 
-__all__ = ["SSD", "SSDOutputs", "ssd_targets", "ssd_loss", "multibox_detections", "BOX_STDS",
+__all__ = ["SSD", "SSDOutputs", "ssd_targets", "ssd_loss", "multibox_detections", "SSD_BOX_STDS",
            "SSD300_ASPECT_RATIOS", "SSD512_ASPECT_RATIOS"]
 
 # The ratios ``a`` per level that add default boxes ``a:1`` and ``1:a``.
 SSD300_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 SSD512_ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
-
 
 
 class SSDOutputs(NamedTuple):
@@ -78,8 +78,8 @@ class SSD(VGGFields, MultiBoxFields, kw_only=True):
       fc_width, fc6_dilation, extras, norm, conv3_3_l2norm_scale, dtype; with
       conv3_3_l2norm_scale set, conv3_3 (stride 4) is a source too, the first
       level: S3FD's small-object layer, the 128-pixel quick start uses 10),
-    the matching, loss and inference settings and the NMS of ``predict``
-      (:class:`~jdet.models.multibox.MultiBoxFields`: iou_threshold, box_stds,
+    the matching, loss and inference settings
+      (:class:`~jdet.models.multibox.MultiBoxFields`: match_iou, box_stds,
       neg_pos_ratio, smooth_l1_beta, score_threshold, pre_nms_top_k (200 per
       class), nms_threshold, max_detections), and
     l2norm_scale: initial scale of the L2Norm on conv4_3 (20).
@@ -103,7 +103,7 @@ class SSD(VGGFields, MultiBoxFields, kw_only=True):
   clamp_default_boxes: bool = False
 
   def setup(self):
-    self.backbone = vgg_of(self, l2norm_scale=self.l2norm_scale)
+    self.backbone = build_from_fields(VGG16, self, l2norm_scale=self.l2norm_scale)
     self.head = SSDHead(self.num_classes + 1, self.boxes_per_location, dtype=self.dtype)
 
   @property
@@ -154,7 +154,7 @@ class SSD(VGGFields, MultiBoxFields, kw_only=True):
     """The multibox loss of a batch (see :func:`ssd_loss`) -> ``(loss, metrics)``."""
     logits, deltas, anchors = self(batch["image"], train=train)
     classes, target_deltas, positive = jax.vmap(
-        lambda b, l: ssd_targets(anchors, b, l, iou_threshold=self.iou_threshold,
+        lambda b, l: ssd_targets(anchors, b, l, match_iou=self.match_iou,
                                  box_stds=self.box_stds))(batch["boxes"], batch["labels"])
     return ssd_loss(logits, deltas, classes, target_deltas, positive,
                     neg_pos_ratio=self.neg_pos_ratio, smooth_l1_beta=self.smooth_l1_beta,
@@ -170,8 +170,15 @@ class SSD(VGGFields, MultiBoxFields, kw_only=True):
     logits, deltas, anchors = self(batch["image"], train=False)
     scores = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [B, A, C]
     boxes = box_lib.decode(deltas, anchors, stds=self.box_stds)  # [B, A, 4] input pixels
-    boxes = box_lib.clip(boxes, image_sizes(batch)[:, None, :])
+    boxes = box_lib.clip(boxes, real_image_sizes(batch)[:, None, :])
     return boxes, scores
+
+  def predict(self, batch) -> Detections:
+    """Detections in original-image pixels: per-class NMS of the :meth:`candidates`."""
+    boxes, scores = self.candidates(batch)
+    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
+                               pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                               max_detections=self.max_detections)
 
   def at_input_size(self, size: int) -> "SSD":
     """The same detector (same variables) for ``size x size`` input, for

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torchvision
 
-from configs import faster_rcnn_r50_fpn, sparse_rcnn, ssd300
+from configs import common, ssd300
 from jdet import convert
 from jdet.convert.faster_rcnn import fasterrcnn_resnet50_fpn_params
 from jdet.convert.mmdet_sparse_rcnn import sparse_rcnn_variables
@@ -80,7 +80,7 @@ def test_torchvision_faster_rcnn_coco_into_one_class(tmp_path, caplog):
   path = tmp_path / "fasterrcnn_coco.pth"
   torch.save(tv.state_dict(), path)
 
-  initial = _initial_variables("faster_rcnn", faster_rcnn_r50_fpn.model(1))
+  initial = _initial_variables("faster_rcnn", common.model_section("faster_rcnn", num_classes=1))
   with caplog.at_level(logging.INFO, logger="jdet.convert.load"):
     loaded, report = convert.load_model_variables(path, initial, return_report=True)
   class_layers = {f"params/roi_head/{layer}/{leaf}" for layer in ("cls_score", "bbox_pred")
@@ -119,7 +119,8 @@ def test_mmdet_sparse_rcnn_into_other_classes_and_proposals(tmp_path, caplog):
 
   assert convert.find_architecture(convert.read_state_dict(path)).name == \
       "sparse_rcnn_r50_fpn_mmdet"
-  initial = _initial_variables("sparse_rcnn", sparse_rcnn.model(3, num_proposals=300))
+  initial = _initial_variables("sparse_rcnn", common.model_section("sparse_rcnn", num_classes=3,
+                                                                     num_proposals=300))
   with caplog.at_level(logging.INFO, logger="jdet.convert.load"):
     loaded, report = convert.load_model_variables(path, initial, return_report=True)
   reinit = {f"params/stage{s}/cls_logits/{leaf}" for s in range(6) for leaf in ("kernel", "bias")}
@@ -134,7 +135,7 @@ def test_mmdet_sparse_rcnn_into_other_classes_and_proposals(tmp_path, caplog):
          "file (256, 80)" in caplog.text
 
   # The same file into the model it was made for loads everything.
-  same = _initial_variables("sparse_rcnn", sparse_rcnn.model(80))
+  same = _initial_variables("sparse_rcnn", common.model_section("sparse_rcnn", num_classes=80))
   _, report = convert.load_model_variables(path, same, return_report=True)
   assert report.reinitialised == {}
 

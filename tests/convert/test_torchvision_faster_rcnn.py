@@ -290,7 +290,7 @@ def test_legacy_names_and_coco80(tv_model, converted, tmp_path):
   assert fasterrcnn_num_classes(state) == 90
 
   # 91 COCO category ids -> background + jdet's 80 labels, in label order.
-  from jdet.data.tfds import COCO_CATEGORY_IDS
+  from jdet.class_names import COCO_CATEGORY_IDS
   coco = fasterrcnn_resnet50_fpn_params(state, num_classes=80)["params"]["roi_head"]
   full = converted["params"]["roi_head"]
   keep = np.asarray((0,) + tuple(COCO_CATEGORY_IDS))
@@ -309,10 +309,10 @@ def test_legacy_names_and_coco80(tv_model, converted, tmp_path):
 
 
 def test_config_init_weights_load_params_and_frozen_batchnorm(tv_model, tmp_path):
-  """``--config.init.weights=<fasterrcnn .pth>``: jdet.training.load_initial_weights puts
+  """``--config.init.weights=<fasterrcnn .pth>``: jdet.engine.restore.load_initial_weights puts
   every number of the file in the model's params or batch_stats (80 COCO classes)."""
   import ml_collections
-  from jdet.training import load_initial_weights
+  from jdet.engine.restore import load_initial_weights
   state = {k: v.detach() for k, v in tv_model.state_dict().items()}
   torch.save(state, tmp_path / "frcnn.pth")
   model = FasterRCNN(num_classes=80)

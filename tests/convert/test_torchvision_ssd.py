@@ -528,7 +528,7 @@ def test_safetensors(tmp_path):
 def test_coco91_heads_become_background_plus_80_categories():
   """torchvision's per-category-id columns are picked in jdet's label order."""
   from jdet.convert import coco91_to_coco80
-  from jdet.data.tfds import COCO_CATEGORY_IDS
+  from jdet.class_names import COCO_CATEGORY_IDS
   p = 4  # boxes per location
   cols = np.arange(p * 91, dtype=np.float32)  # the value of each column is its index
   params = {"head": {"cls_0": {"kernel": np.broadcast_to(cols, (3, 3, 2, p * 91)).copy(),

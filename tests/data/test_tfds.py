@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from jdet import class_names  # noqa: E402
 from jdet.data import tfds as jtfds  # noqa: E402
 from jdet.data.records import DetectionSource, SkipLog  # noqa: E402
 
@@ -32,11 +33,15 @@ def _jpeg(h: int, w: int, value: int = 90, orientation: int | None = None) -> by
 
 
 def test_coco_category_constants():
-  ids = jtfds.COCO_CATEGORY_IDS
-  assert len(ids) == 80 == len(set(jtfds.COCO_CLASS_NAMES))
+  ids = class_names.COCO_CATEGORY_IDS
+  assert len(ids) == 80 == len(set(class_names.COCO_CLASS_NAMES))
   assert list(ids) == sorted(ids) and ids[0] == 1 and ids[-1] == 90
   assert set(range(1, 91)) - set(ids) == {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-  assert jtfds.COCO_CLASS_NAMES[ids.index(18)] == "dog"
+  assert class_names.COCO_CLASS_NAMES[ids.index(18)] == "dog"
+  # The 91 -> 81 columns: background, then the 80 ids in order (the 10 unused ones left out).
+  columns = class_names.coco91_columns()
+  assert columns.shape == (81,) and columns[0] == 0 and columns[1] == 1 and columns[-1] == 90
+  assert set(range(91)) - set(columns.tolist()) == {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 
 
 def test_annotations_from_a_feature_dict():
@@ -181,7 +186,7 @@ class Coco(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "image/id": np.int64,
         "objects": tfds.features.Sequence({
             "id": np.int64, "area": np.int64, "bbox": tfds.features.BBoxFeature(),
-            "label": tfds.features.ClassLabel(names=list(jtfds.COCO_CLASS_NAMES)),
+            "label": tfds.features.ClassLabel(names=list(class_names.COCO_CLASS_NAMES)),
             "is_crowd": np.bool_}),
     }))
 
@@ -206,7 +211,7 @@ def coco_dir(tmp_path_factory):
 def test_prepared_coco_reads_without_tensorflow(coco_dir):
   source = jtfds.TfdsSource("coco/2017", "validation", data_dir=coco_dir)
   assert len(source) == 3 and source.is_coco
-  assert list(source.class_names) == list(jtfds.COCO_CLASS_NAMES)
+  assert list(source.class_names) == list(class_names.COCO_CLASS_NAMES)
   assert source.category_id(0) == 1 and source.category_id(79) == 90
   by_id = {e.image_id: e for e in (source[i] for i in range(len(source)))}
   assert sorted(by_id) == [139, 285, 632]
@@ -227,7 +232,7 @@ def test_prepared_coco_reads_without_tensorflow(coco_dir):
   np.testing.assert_allclose(a["bbox"], [0, 0, 30, 40], atol=1e-4)
   assert coco.anns[1003]["category_id"] == 19  # Label 17 is "horse", COCO id 19.
   assert coco.cats[19]["name"] == "horse"
-  assert sorted(coco.getCatIds()) == list(jtfds.COCO_CATEGORY_IDS)
+  assert sorted(coco.getCatIds()) == list(class_names.COCO_CATEGORY_IDS)
 
 
 @pytest.mark.skipif(HAS_TF, reason="checks the error raised when TensorFlow is absent")

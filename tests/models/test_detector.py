@@ -1,9 +1,8 @@
-"""The shared detector layer: the import rule, the contract, its helpers, frozen parameters."""
+"""The shared detector layer: the contract, its helpers, frozen parameters (the import rules:
+tests/test_layers.py)."""
 
 from __future__ import annotations
 
-import ast
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,44 +11,14 @@ import pytest
 
 import jdet
 from jdet import boxes as box_lib
-from jdet import training
+from jdet.engine import restore
 from jdet.models import detector
 from jdet.models.detector import (Detector, encode_positives, finalize_detections, pad_to,
                                   supports_tta, to_original_pixels)
 
 from configs import faster_rcnn_r50_fpn as frcnn_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 DETECTORS = ("ssd", "refinedet", "faster_rcnn", "sparse_rcnn")
-
-
-def _imported_modules(path: pathlib.Path) -> set[str]:
-  tree = ast.parse(path.read_text(encoding="utf-8"))
-  names = set()
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Import):
-      names.update(a.name for a in node.names)
-    elif isinstance(node, ast.ImportFrom) and node.module:
-      names.add(node.module)
-      names.update(f"{node.module}.{a.name}" for a in node.names)
-  return names
-
-
-def test_no_detector_imports_another_and_evaluation_imports_none():
-  offenders = []
-  for path in sorted((ROOT / "jdet").rglob("*.py")):
-    rel = path.relative_to(ROOT)
-    imported = _imported_modules(path)
-    for name in DETECTORS:
-      if rel == pathlib.Path("jdet/models") / f"{name}.py":
-        continue
-      if rel.parts[:2] == ("jdet", "models") and rel.name == "__init__.py":
-        continue  # the registry imports every detector
-      if f"jdet.models.{name}" in imported:
-        offenders.append(f"{rel} imports jdet.models.{name}")
-  assert not offenders, offenders
-  # The check itself sees imports (it would have caught today's sibling imports).
-  assert "jdet.models.multibox" in _imported_modules(ROOT / "jdet/models/refinedet.py")
 
 
 def test_every_registered_detector_keeps_the_contract():
@@ -66,10 +35,49 @@ def test_every_registered_detector_keeps_the_contract():
 
 def test_batch_defaults():
   batch = {"image": np.zeros((3, 20, 30, 3), np.float32)}
-  np.testing.assert_array_equal(detector.image_sizes(batch), [[20, 30]] * 3)
+  np.testing.assert_array_equal(detector.real_image_sizes(batch), [[20, 30]] * 3)
   np.testing.assert_array_equal(detector.image_valid(batch), [True] * 3)
   batch.update(labels=np.array([[1, -1], [0, 2], [2, 2]]), valid=np.array([True, False, True]))
   np.testing.assert_array_equal(detector.gt_labels(batch), [[1, -1], [-1, -1], [2, 2]])
+
+
+def test_build_model_refuses_unknown_keys_naming_them_and_the_fields():
+  with pytest.raises(ValueError, match=r"unknown ssd model settings \['iou_threshold'\]; "
+                                       r"its fields are .*match_iou"):
+    jdet.build_model("ssd", num_classes=3, iou_threshold=0.5)
+
+
+def test_parts_are_built_from_the_fields_they_share():
+  from jdet.models.backbones.vgg import VGG16
+  from jdet.models.body import BodyFields, ResNetFPN
+  from jdet.models.heads.sparse_rcnn_head import DynamicStage
+  assert detector.field_names(BodyFields) == ("depth", "widths", "stem_width", "norm", "norm_eps",
+                                               "frozen_stages", "fpn_channels", "dtype")
+  frcnn = jdet.build_model("faster_rcnn", num_classes=3, depth=18, widths=[8, 16, 32, 64],
+                           norm_eps=0.0, dtype=jnp.bfloat16)
+  body = detector.build_from_fields(ResNetFPN, frcnn, num_extra=2)
+  assert (body.depth, body.widths, body.norm_eps, body.dtype, body.num_extra) == \
+      (18, (8, 16, 32, 64), 0.0, jnp.bfloat16, 2)
+  # SSD's l2norm_scale is its own field, not a VGGFields one: VGG16 takes it as a setting.
+  ssd = jdet.build_model("ssd", num_classes=3, fc_width=64, l2norm_scale=5.0)
+  vgg = detector.build_from_fields(VGG16, ssd, pool5_stride=2)
+  assert (vgg.fc_width, vgg.pool5_stride, vgg.l2norm_scale) == (64, 2, 20.0)
+  sparse = jdet.build_model("sparse_rcnn", num_classes=7, num_heads=2, depth=18)
+  stage = detector.build_from_fields(DynamicStage, sparse, name="stage0")
+  assert (stage.num_classes, stage.num_heads, stage.name) == (7, 2, "stage0")
+  with pytest.raises(ValueError, match=r"\['depth'\] come from FasterRCNN's fields"):
+    detector.build_from_fields(ResNetFPN, frcnn, depth=50, num_extra=1)
+
+
+def test_config_model_sections_hold_every_plain_field():
+  from configs import common
+  for name, cls in jdet.MODELS.items():
+    section = common.model_section(name, num_classes=3)
+    assert set(section) == set(detector.field_names(cls)) - {"dtype"}, name
+    model = jdet.build_model(name, **section)
+    assert model.num_classes == 3 and model.max_detections == cls(num_classes=3).max_detections
+  frcnn = common.model_section("faster_rcnn", num_classes=3, norm_eps=0.0)
+  assert frcnn.norm_eps == 0.0 and frcnn.rpn_nms_threshold == 0.7 and frcnn.pre_nms_top_k is None
 
 
 def test_finalize_pads_masks_and_maps_to_original_pixels():
@@ -119,7 +127,7 @@ def test_frozen_stages_override_reaches_the_optimiser(rng):
   config.optim.weight_decay = 0.1
   model = jdet.build_model(config.model_name, **config.model)
   sample = {"image": np.zeros((1, 64, 64, 3), np.float32)}
-  state, _ = training.init_state(model, config, sample, total_steps=4, load_weights=False)
+  state, _ = restore.init_state(model, config, sample, total_steps=4, load_weights=False)
   before = jax.tree.map(np.asarray, state.params["backbone"])
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   for _ in range(2):  # warm-up starts at a small but non-zero learning rate

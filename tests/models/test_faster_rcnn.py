@@ -25,18 +25,19 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import box_iou
 
 import jdet
-from jdet import optim
+from jdet.engine import optim
 from jdet.data import builder, pipeline
 from jdet.models.faster_rcnn import (FasterRCNN, Proposals, decode_detections, rcnn_loss,
                                      rcnn_targets, rpn_loss, rpn_proposals, rpn_targets)
 from jdet.ops.anchors import multilevel_grid_anchors
 from jdet.testing import assert_traces_once, random_boxes
-from jdet.train_state import TrainState
-from jdet.training import make_train_step
+from jdet.engine.train_state import TrainState
+from jdet.engine.training import make_train_step
 
 from configs import faster_rcnn_r50_fpn as frcnn_config
 from tests.helpers.references import best_iou_per_object
 from tests.helpers.weights import numpy_variables
+from tests.models.detector_checks import resized_filler_padded_batch
 
 # A 128 x 160 canvas with the smoke config's anchors (8 .. 128 on P2 .. P6).
 CANVAS = (128, 160)
@@ -351,13 +352,9 @@ def test_predict_shapes_and_original_pixels(smoke):
   image = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
   images = np.repeat(image, 4, axis=0)
   predict = jax.jit(lambda v, b: model.apply(v, b, method="predict"))
-  batch = {
-      "image": images,
-      "image_size": np.array([[64, 64], [64, 64], [64, 64], [40, 50]], np.int32),
-      "orig_size": np.array([[64, 64], [128, 256], [64, 64], [40, 50]], np.int32),
-      "scale_factor": np.array([[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [1.0, 1.0]], np.float32),
-      "valid": np.array([True, True, False, True]),
-  }
+  # (0) scale 1, (1) resized from a 128 x 256 original with (sy, sx) = (0.5, 0.25),
+  # (2) a filler image, (3) a 40 x 50 image padded to the input size.
+  batch = resized_filler_padded_batch(images)
   det = predict(variables, batch)
   assert isinstance(det, jdet.Detections)
   det = jax.tree.map(np.asarray, det)

@@ -23,6 +23,7 @@ from configs import refinedet320, refinedet512, ssd300
 from tests.helpers.anchor_presets import refinedet_anchors
 from tests.helpers.references import np_iou
 from tests.helpers.weights import numpy_variables
+from tests.models.detector_checks import loss_value_and_grad
 
 NUM_CLASSES = 5  # foreground classes of the small cases
 IMAGE = 64       # their input side: maps 8, 4, 2, 1 -> (64 + 16 + 4 + 1) * 3 = 255 anchors
@@ -315,11 +316,7 @@ def test_loss_and_grad_compile_once(smoke):
   model, variables = smoke
 
   def loss_and_grad(params, batch):
-    def f(p):
-      (loss, metrics), _ = model.apply({**variables, "params": p}, batch, method="loss",
-                                       mutable=["batch_stats"])
-      return loss, metrics
-    return jax.value_and_grad(f, has_aux=True)(params)
+    return loss_value_and_grad(model, variables, params, batch)
 
   ((l1, m1), g1), ((l2, m2), g2) = assert_traces_once(
       loss_and_grad, (variables["params"], _batch(0)), (variables["params"], _batch(1)))

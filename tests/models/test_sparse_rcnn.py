@@ -25,6 +25,7 @@ from jdet.models.sparse_rcnn import (SparseRCNN, decode_detections, matching_cos
 from jdet.testing import assert_traces_once
 
 from configs import sparse_rcnn as sparse_config
+from tests.models.detector_checks import loss_value_and_grad
 
 TINY = dict(num_classes=5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch",
             frozen_stages=-1, fpn_channels=16, num_proposals=12, num_stages=2, num_heads=2,
@@ -343,11 +344,7 @@ def test_four_devices_give_the_same_loss_and_gradients(rng):
   batch = _batch(rng, b=4, boxes_per_image=(3, 0, 2, 1))
 
   def value_and_grad(variables, batch):
-    def f(p):
-      (loss, metrics), _ = model.apply({**variables, "params": p}, batch, method="loss",
-                                       mutable=["batch_stats"])
-      return loss, metrics
-    return jax.value_and_grad(f, has_aux=True)(variables["params"])
+    return loss_value_and_grad(model, variables, variables["params"], batch)
 
   (one, m1), g1 = jax.jit(value_and_grad)(v, batch)
   mesh = parallel.make_mesh()

@@ -14,18 +14,19 @@ import numpy as np
 import pytest
 
 import jdet
-from jdet import optim
+from jdet.engine import optim
 from jdet.data import builder, pipeline
 from jdet.models.backbones.vgg import SSD512_EXTRAS
 from jdet.models.ssd import SSD, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_sizes
 from jdet.testing import assert_traces_once
-from jdet.train_state import TrainState
-from jdet.training import make_train_step
+from jdet.engine.train_state import TrainState
+from jdet.engine.training import make_train_step
 
 from configs import ssd300 as ssd300_config
 from tests.helpers.references import best_iou_per_object
 from tests.helpers.weights import numpy_variables
+from tests.models.detector_checks import resized_filler_padded_batch
 
 # Jitted once: eager op-by-op dispatch would compile every primitive separately.
 _targets = jax.jit(ssd_targets)
@@ -235,15 +236,9 @@ def test_predict_shapes_scaling_and_filler(smoke):
   assert ref.labels.shape == (4, k) and ref.valid.shape == (4, k)
   assert ref.valid[0].sum() > 0, "the random model should give some detections"
 
-  # (0) scale 1, (1) resized from a 128 x 256 original with (sy, sx) = (0.5, 0.25),
+  # (0) scale 1, (1) resized from a 2s x 4s original with (sy, sx) = (0.5, 0.25),
   # (2) a filler image, (3) a 40 x 50 image padded to the input size.
-  batch = {
-      "image": images,
-      "image_size": np.array([[s, s], [s, s], [s, s], [40, 50]], np.int32),
-      "orig_size": np.array([[s, s], [2 * s, 4 * s], [s, s], [40, 50]], np.int32),
-      "scale_factor": np.array([[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [1.0, 1.0]], np.float32),
-      "valid": np.array([True, True, False, True]),
-  }
+  batch = resized_filler_padded_batch(images)
   out = predict(variables, batch)
   assert isinstance(out, jdet.Detections)
   det = jax.tree.map(np.asarray, out)

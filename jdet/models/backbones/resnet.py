@@ -102,7 +102,7 @@ class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine (torchvision's ``FrozenBatchNorm2d``).
 
   ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` per channel, folded
-  into one multiply-add as torchvision does. The four ``[C]`` arrays live in
+  into one multiply-add as torchvision does. The four ``[D]`` arrays live in
   the ``batch_stats`` collection (start: scale 1, bias 0, mean 0, var 1), are
   read through ``stop_gradient`` and never written.
   """
@@ -117,7 +117,7 @@ class FrozenBatchNorm(nn.Module):
         self.variable("batch_stats", name, init, (c,), jnp.float32).value)
     scale, bias = get("scale", jnp.ones), get("bias", jnp.zeros)
     mean, var = get("mean", jnp.zeros), get("var", jnp.ones)
-    mult = scale * jax.lax.rsqrt(var + self.epsilon)  # [C] float32
+    mult = scale * jax.lax.rsqrt(var + self.epsilon)  # [D] float32
     add = bias - mean * mult
     return x * mult.astype(self.dtype) + add.astype(self.dtype)
 

@@ -43,14 +43,13 @@ in the reference implementations.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["L2Norm", "VGGFields", "VGG_FIELDS", "vgg_of", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS",
-           "REFINEDET_EXTRAS", "conv_kernel_init"]
+__all__ = ["L2Norm", "VGGFields", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "REFINEDET_EXTRAS",
+           "conv_kernel_init"]
 
 # (mid_channels, out_channels, kernel, stride, padding) of each extra level.
 SSD300_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
@@ -112,7 +111,9 @@ class L2Norm(nn.Module):
 class VGGFields(nn.Module):
   """The VGG16 fields a detector shares with its backbone, under the same names.
 
-  SSD and RefineDet inherit them and build the backbone with :func:`vgg_of`.
+  SSD and RefineDet inherit them and build the backbone from them with
+  ``build_from_fields(VGG16, self, l2norm_scale=...)``
+  (:func:`jdet.models.detector.build_from_fields`).
 
   Attributes:
     widths: channels of the five VGG stages (64, 128, 256, 512, 512).
@@ -134,17 +135,6 @@ class VGGFields(nn.Module):
   norm: str = "none"
   conv3_3_l2norm_scale: float | None = None
   dtype: Any = jnp.float32
-
-
-# The names of the fields above.
-VGG_FIELDS = tuple(f.name for f in dataclasses.fields(VGGFields)
-                   if f.name not in ("parent", "name"))
-
-
-def vgg_of(detector: Any, **settings) -> VGG16:
-  """The :class:`VGG16` of a detector that has the :data:`VGG_FIELDS`, with the
-  backbone's other ``settings`` (``l2norm_scale``, ``pool5_stride``, ...)."""
-  return VGG16(**{f: getattr(detector, f) for f in VGG_FIELDS}, **settings)
 
 
 class VGG16(VGGFields):

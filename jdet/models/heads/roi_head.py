@@ -1,6 +1,6 @@
 """Faster R-CNN's box head: two fully connected layers, then class scores and per-class offsets.
 
-Each RoI's pooled ``[7, 7, C]`` features are flattened and pass through
+Each RoI's pooled ``[7, 7, D]`` features are flattened and pass through
 ``fc6`` and ``fc7`` (1024 units, ReLU each: torchvision's ``TwoMLPHead``,
 MMDetection's ``Shared2FCBBoxHead``), then ``cls_score`` gives
 ``num_classes + 1`` logits (background first, a softmax) and ``bbox_pred``
@@ -27,7 +27,7 @@ __all__ = ["RoIBoxHead"]
 
 
 class RoIBoxHead(nn.Module):
-  """``[..., S, S, C]`` pooled RoI features -> class logits and per-class box offsets.
+  """``[..., s, s, D]`` pooled RoI features -> class logits and per-class box offsets.
 
   Attributes:
     num_classes: foreground classes; the head scores ``num_classes + 1``.
@@ -41,10 +41,10 @@ class RoIBoxHead(nn.Module):
 
   @nn.compact
   def __call__(self, roi_features: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``roi_features [..., S, S, C]`` -> ``(logits [..., num_classes + 1],
+    """``roi_features [..., s, s, D]`` -> ``(logits [..., num_classes + 1],
     deltas [..., num_classes + 1, 4])``."""
     lead = roi_features.shape[:-3]
-    x = roi_features.reshape(lead + (-1,))  # [..., S * S * C], (h, w, c) order
+    x = roi_features.reshape(lead + (-1,))  # [..., s * s * D], (h, w, channel) order
     fc = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                                   name=name)
     x = jax.nn.relu(fc(self.representation_size, "fc6")(x))

@@ -38,7 +38,7 @@ class RPNHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``features``: per level ``[B, h_l, w_l, C]`` (same C) -> ``(logits [B, A],
+    """``features``: per level ``[B, h_l, w_l, D]`` (same D) -> ``(logits [B, A],
     deltas [B, A, 4])`` with ``A = sum_l h_l w_l num_anchors``."""
     channels = features[0].shape[-1]
     conv = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
@@ -49,7 +49,7 @@ class RPNHead(nn.Module):
                   name="bbox_pred")
     logits, deltas = [], []
     for x in features:  # one set of weights for every level
-      t = jax.nn.relu(conv(x))  # [B, h, w, C]
+      t = jax.nn.relu(conv(x))  # [B, h, w, D]
       b = x.shape[0]
       logits.append(cls(t).reshape(b, -1))  # [B, h * w * P]
       deltas.append(box(t).reshape(b, -1, 4))  # [B, h * w * P, 4]

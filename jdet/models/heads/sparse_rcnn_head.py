@@ -1,16 +1,16 @@
 """One Sparse R-CNN stage: the dynamic instance-interactive head (Sun et al., CVPR 2021, Fig. 3-4).
 
 For B images with N proposals each, a stage takes every proposal's RoI
-features ``[B, N, S, S, C]`` (S = 7, C = 256), its proposal feature
-``[B, N, D]`` (D = 256) and its box ``[B, N, 4]``, and returns class logits,
+features ``[B, N, s, s, D]`` (s = 7, D = 256 channels), its proposal feature
+``[B, N, D]`` and its box ``[B, N, 4]``, and returns class logits,
 a refined box and the updated proposal feature:
 
 1. **Self-attention** over the N proposals of each image (8 heads, no
    positional encoding): ``x = LN(x + MHA(x))``.
 2. **Dynamic convolution** (:class:`DynamicConv`, "instance interaction"):
    each proposal's feature generates the weights of two 1x1 convolutions
-   (``D -> 64 -> C``) applied to its own RoI features, then a linear layer
-   from the flattened ``S * S * C`` to D: ``x = LN(x + DynamicConv(x, roi))``.
+   (``D -> 64 -> D``) applied to its own RoI features, then a linear layer
+   from the flattened ``s * s * D`` to D: ``x = LN(x + DynamicConv(x, roi))``.
 3. **FFN**: ``x = LN(x + Linear(ReLU(Linear(x, 2048)), D))``.
 4. **Towers**: class ``num_cls_fcs x [Linear(no bias), LN, ReLU]`` then
    ``Linear(D, num_classes)`` (sigmoid scores, no background); box
@@ -40,7 +40,6 @@ with ``p = 0.01``, LayerNorm 1 / 0 with epsilon 1e-5.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -50,11 +49,11 @@ import jax.numpy as jnp
 
 from jdet import boxes as box_lib
 
-__all__ = ["StageFields", "STAGE_FIELDS", "DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas", "BOX_STDS",
-           "AUTHORS_SCALE_CLAMP", "MMDET_SCALE_CLAMP"]
+__all__ = ["StageFields", "DynamicStage", "DynamicConv", "SelfAttention", "FFN", "apply_deltas",
+           "SPARSE_RCNN_BOX_STDS", "AUTHORS_SCALE_CLAMP", "MMDET_SCALE_CLAMP"]
 
-# Offsets are scaled by weights (2, 2, 1, 1): stds (0.5, 0.5, 1, 1).
-BOX_STDS = (0.5, 0.5, 1.0, 1.0)
+# Sparse R-CNN's offsets are scaled by weights (2, 2, 1, 1): stds (0.5, 0.5, 1, 1).
+SPARSE_RCNN_BOX_STDS = (0.5, 0.5, 1.0, 1.0)
 # The authors clamp dw, dh from above at log(100000 / 16); MMDetection at +-log(1000 / 16).
 AUTHORS_SCALE_CLAMP = math.log(100000.0 / 16)
 MMDET_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -94,7 +93,7 @@ def apply_deltas(deltas, boxes, *, scale_clamp: float = AUTHORS_SCALE_CLAMP,
   deltas = box_lib.as_f32(deltas)
   if symmetric_clamp:
     deltas = jnp.concatenate([deltas[..., :2], jnp.maximum(deltas[..., 2:], -scale_clamp)], -1)
-  return box_lib.decode(deltas, box_lib.as_f32(boxes), stds=BOX_STDS, scale_clamp=scale_clamp)
+  return box_lib.decode(deltas, box_lib.as_f32(boxes), stds=SPARSE_RCNN_BOX_STDS, scale_clamp=scale_clamp)
 
 
 class SelfAttention(nn.Module):
@@ -124,12 +123,13 @@ class SelfAttention(nn.Module):
 
 
 class DynamicConv(nn.Module):
-  """Instance interaction: ``(x [B, N, D], roi [B, N, S, S, C]) -> [B, N, D]``.
+  """Instance interaction: ``(x [B, N, D], roi [B, N, s, s, D']) -> [B, N, D]``
+  (D' RoI feature channels, D in Sparse R-CNN).
 
-  ``Linear(D -> 2 * C * dim_dynamic)(x)`` gives, per proposal, ``W1 [C, dim_dynamic]``
-  and ``W2 [dim_dynamic, C]`` (row-major split); the RoI's ``S * S`` positions
+  ``Linear(D -> 2 * D' * dim_dynamic)(x)`` gives, per proposal, ``W1 [D', dim_dynamic]``
+  and ``W2 [dim_dynamic, D']`` (row-major split); the RoI's ``s * s`` positions
   go through ``ReLU(LN(h @ W1))``, ``ReLU(LN(h @ W2))``, are flattened
-  position-major (``[S * S * C]``) and mapped by ``Linear(S * S * C -> D)``, LN, ReLU.
+  position-major (``[s * s * D']``) and mapped by ``Linear(s * s * D' -> D)``, LN, ReLU.
   """
 
   dim_dynamic: int = 64
@@ -152,7 +152,8 @@ class DynamicConv(nn.Module):
 
 
 class StageFields(nn.Module):
-  """The fields of a :class:`DynamicStage`, which SparseRCNN inherits and passes on.
+  """The fields of a :class:`DynamicStage`, which SparseRCNN inherits and builds each
+  stage from (:func:`jdet.models.detector.build_from_fields`).
 
   Attributes:
     num_classes: foreground classes (sigmoid scores).
@@ -180,13 +181,8 @@ class StageFields(nn.Module):
   dtype: Any = jnp.float32
 
 
-# The names of the fields above.
-STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StageFields)
-                     if f.name not in ("parent", "name"))
-
-
 class DynamicStage(StageFields):
-  """One stage: ``(roi [B, N, S, S, C], x [B, N, D], boxes [B, N, 4])`` ->
+  """One stage: ``(roi [B, N, s, s, D], x [B, N, D], boxes [B, N, 4])`` ->
   ``(logits [B, N, num_classes], new_boxes [B, N, 4], x' [B, N, D])``.
 
   ``new_boxes`` (float32, xyxy, input pixels) carry the gradient of the

@@ -57,7 +57,7 @@ def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_nearest(x: jnp.ndarray, size: Sequence[int]) -> jnp.ndarray:
-  """``x: [B, h, w, C]`` -> ``[B, H, W, C]`` by PyTorch's ``F.interpolate(x, size=(H, W),
+  """``x: [B, h, w, D]`` -> ``[B, H, W, D]`` by PyTorch's ``F.interpolate(x, size=(H, W),
   mode="nearest")`` (static gathers; ``size`` is static)."""
   rows = _nearest_indices(x.shape[1], int(size[0]))
   cols = _nearest_indices(x.shape[2], int(size[1]))
