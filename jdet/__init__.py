@@ -15,8 +15,8 @@ Public entry points::
 """
 
 # Before jax: with ``JDET_KEEP_HOST_MEMORY=1`` the allocator keeps freed host memory
-# (jdet/hostmem.py; train.py and eval.py set it).
-from jdet import hostmem as _hostmem
+# (jdet/engine/hostmem.py; train.py and eval.py set it).
+from jdet.engine import hostmem as _hostmem
 
 _hostmem.apply_from_environment()
 
@@ -32,6 +32,6 @@ __all__ = ["assign", "boxes", "losses", "ops", "Detections", "MODELS", "build_mo
 
 def __getattr__(name: str):
   if name == "Predictor":
-    from jdet.inference import Predictor
+    from jdet.inference.predictor import Predictor
     return Predictor
   raise AttributeError(f"module 'jdet' has no attribute {name!r}")

@@ -1,29 +1,37 @@
-"""Command-line plumbing shared by ``train.py`` and ``eval.py``.
+"""Command-line plumbing shared by jdet's programs.
 
-Both programs take ``--config FILE[:variant]`` (ml_collections, with
-``--config.a.b=value`` overrides), ``--workdir DIR`` and the flags that join
-several processes (:func:`define_flags`); :func:`start` checks the
-arguments, turns on INFO logging and joins the other processes when asked.
+``train.py``, ``eval.py``, ``predict.py`` and ``python -m jdet.inference.export``
+define their common flags with :func:`define_flags`: ``--config FILE[:variant]``
+(ml_collections, with ``--config.a.b=value`` overrides), ``--workdir DIR`` and,
+as a program needs them, ``--step`` (a checkpoint), ``--weights`` (a weights file
+instead of a run's checkpoints) and the flags that join several processes.
+:func:`start` checks the arguments, sets the log levels (:mod:`jdet.engine.logs`:
+jdet's progress and every warning by default, the libraries' INFO lines with
+``--verbosity=0``) and joins the other processes when asked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from jdet.data import builder
+from jdet.engine import logs
 
-__all__ = ["define_flags", "start"]
+__all__ = ["define_flags", "start", "exit_on_errors", "predictor_from_flags"]
 
 
-def define_flags(workdir_help: str):
-  """Defines ``--config``, ``--workdir`` and the multi-process flags; returns the config flag.
+def define_flags(workdir_help: str, *, step: bool = False, weights: bool = False,
+                 distributed: bool = True):
+  """Defines ``--config`` and ``--workdir`` (and ``--step``, ``--weights``, the
+  multi-process flags, as asked); returns the config flag.
 
-  Call at import time of the program, after nothing else has parsed flags.
+  With ``weights``, ``--workdir`` or ``--weights`` names the detector (one of
+  them, checked by :func:`predictor_from_flags`); else ``--workdir`` is required.
+  Call at import time of the program, before anything parses flags.
   ``configs/`` is put on ``sys.path`` first, so config files can say
   ``from configs import common`` from any working directory.
   """
@@ -31,31 +39,57 @@ def define_flags(workdir_help: str):
   config = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
                                            lock_config=True)
   flags.DEFINE_string("workdir", None, workdir_help)
-  flags.DEFINE_bool("distributed", False, "join other processes (jax.distributed)")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-  flags.DEFINE_integer("num_processes", None, "number of processes")
-  flags.DEFINE_integer("process_id", None, "index of this process")
-  flags.mark_flags_as_required(["config", "workdir"])
+  if step:
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  if weights:
+    flags.DEFINE_string("weights", None, "weights file instead of --workdir's checkpoints (a jdet "
+                        ".npz, or a torchvision / MMDetection checkpoint jdet.convert reads)")
+  if distributed:
+    flags.DEFINE_bool("distributed", False, "join other processes (jax.distributed)")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "number of processes")
+    flags.DEFINE_integer("process_id", None, "index of this process")
+  flags.mark_flags_as_required(["config"] if weights else ["config", "workdir"])
   return config
 
 
-def start(argv) -> None:
-  """Checks for stray arguments, logs at INFO, joins other processes if ``--distributed``."""
-  if len(argv) > 1:
+def start(argv, *, positional: bool = False) -> None:
+  """Refuses stray arguments (unless the program takes ``positional`` ones), sets the
+  log levels from ``--verbosity``, joins other processes if ``--distributed``."""
+  if len(argv) > 1 and not positional:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
   f = flags.FLAGS
-  if f.distributed:
+  logs.configure(f.verbosity if f["verbosity"].present else None)
+  if "distributed" in f and f.distributed:
     from jdet import parallel
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
 
 
+def predictor_from_flags(config, **kwargs):
+  """The :class:`jdet.inference.Predictor` that ``--workdir`` (with ``--step``) or
+  ``--weights`` names, for the model of ``config``; ``kwargs`` go to its constructor."""
+  from jdet.inference.predictor import Predictor
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.weights):
+    raise app.UsageError("give --workdir (a train.py run) or --weights (a weights file)")
+  if f.workdir:
+    return Predictor.from_workdir(config, f.workdir, step=f.step, **kwargs)
+  return Predictor.from_weights(config, f.weights, **kwargs)
+
+
 @contextlib.contextmanager
-def config_errors_exit():
-  """A mistake in the config or missing data (:class:`jdet.data.builder.ConfigError`) ends
-  the program with its message as the last line and exit status 1, not a traceback."""
+def exit_on_errors():
+  """Errors of the user's making end the program with their message as the last line,
+  not a traceback: a mistake in the config or missing data
+  (:class:`jdet.data.builder.ConfigError`), a workdir held by another run, a resume
+  that changes the model or the data (status 1), a full disk (status
+  :data:`jdet.engine.workdir.DISK_FULL_STATUS`, 28)."""
   from jdet.data.builder import ConfigError
+  from jdet.engine import workdir
   try:
     yield
-  except ConfigError as e:
+  except (ConfigError, workdir.WorkdirBusyError, workdir.ConfigChangedError) as e:
     sys.exit(f"error: {e}")
+  except workdir.DiskFullError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(workdir.DISK_FULL_STATUS)

@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA_AXIS", "initialize_distributed", "make_mesh", "batch_sharding",
-           "replicated_sharding", "local_batch_size", "shard_batch", "replicate", "gather_to_host"]
+           "replicated_sharding", "local_batch_size", "shard_batch", "replicate", "gather_to_host",
+           "mesh_context", "all_processes_agree"]
 
 DATA_AXIS = "data"
 
@@ -131,3 +132,17 @@ def gather_to_host(tree: Any) -> Any:
   every process must call it with the same tree structure and shapes.
   """
   return jax.tree.map(_to_host, tree)
+
+
+def mesh_context(mesh):
+  """``jax.set_mesh(mesh)`` as a context manager (jax >= 0.7), else the mesh itself."""
+  set_mesh = getattr(jax, "set_mesh", None)
+  return set_mesh(mesh) if set_mesh is not None else mesh
+
+
+def all_processes_agree(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

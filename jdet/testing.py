@@ -2,7 +2,7 @@
 
 Retrace checks (:class:`TraceCounter`, :func:`assert_traces_once`) and random
 valid boxes (:func:`random_boxes`). Helpers that only jdet's own tests use
-live in ``tests/helpers.py``.
+live in ``tests/helpers/`` (one module per topic).
 """
 
 from __future__ import annotations

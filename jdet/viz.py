@@ -20,7 +20,7 @@ Example::
 
   image = viz.draw_boxes(batch["image"][0], batch["boxes"][0], batch["labels"][0],
                          class_names, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  viz.save_png("sample.png", viz.image_grid([image, image], cols=2))
+  viz.save_image("sample.png", viz.image_grid([image, image], cols=2))
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["class_colour", "to_uint8", "draw_boxes", "image_grid", "plot_pr_curves", "save_png"]
+__all__ = ["class_colour", "to_uint8", "draw_boxes", "detection_grid", "image_grid", "plot_pr_curves", "save_image"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _GOLDEN = 0.6180339887498949
@@ -160,6 +160,29 @@ def draw_boxes(image, boxes, labels, class_names: Sequence[str], *, scores=None,
   return out
 
 
+def detection_grid(examples: Sequence[dict], class_names: Sequence[str], *, score: float,
+                   mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> np.ndarray | None:
+  """Evaluation images with their detections scoring at least ``score``, drawn and laid out
+  in a square-ish grid (None without examples).
+
+  Args:
+    examples: dicts of ``image [H, W, 3]`` (normalised input pixels), ``boxes [K, 4]``
+      in input pixels, ``scores [K]``, ``labels [K]``, ``valid [K]``
+      (:class:`jdet.evaluation.loop.EvalResult`'s ``examples``).
+    class_names: one name per class id.
+    score: the lowest score drawn.
+    mean, std: the normalisation to undo (:func:`to_uint8`).
+  """
+  drawn = [draw_boxes(e["image"], e["boxes"], e["labels"], class_names, scores=e["scores"],
+                      valid=np.asarray(e["valid"]) & (np.asarray(e["scores"]) >= score),
+                      mean=mean, std=std)
+           for e in examples]
+  if not drawn:
+    return None
+  return image_grid(drawn, int(np.ceil(np.sqrt(len(drawn)))))
+
+
 def image_grid(images, cols: int, *, gap: int = 2, background: int = 255) -> np.ndarray:
   """Tiles images row by row into one image.
 
@@ -248,7 +271,7 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: s
       as :func:`draw_boxes` does, also when some classes have no curve. By
       default a curve takes the colour of its position in ``curves``.
   Returns:
-    ``[H, W, 3]`` uint8 RGB, for :func:`save_png`.
+    ``[H, W, 3]`` uint8 RGB, for :func:`save_image`.
   """
   h, w = size
   out = np.full((h, w, 3), 255, np.uint8)
@@ -322,18 +345,21 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: s
   return out
 
 
-def save_png(path: str | os.PathLike, image) -> str:
-  """Writes an ``[H, W, 3]`` uint8 RGB image as PNG (creating folders); returns the path."""
+def save_image(path: str | os.PathLike, image) -> str:
+  """Writes an ``[H, W, 3]`` uint8 RGB image (creating folders); the format follows the
+  suffix (``.png``, ``.jpg``, ...). Returns the path."""
   path = os.fspath(path)
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"save_png takes an [H, W, 3] uint8 image, got {image.shape} {image.dtype}")
+    raise ValueError(f"save_image takes an [H, W, 3] uint8 image, got {image.shape} "
+                     f"{image.dtype}")
   folder = os.path.dirname(path)
   if folder:
     os.makedirs(folder, exist_ok=True)
-  ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+  ok, data = cv2.imencode(os.path.splitext(path)[1] or ".png",
+                          cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
   if not ok:
-    raise OSError(f"could not encode {path} as PNG")
+    raise OSError(f"could not encode {path}")
   with open(path, "wb") as f:
     f.write(data.tobytes())
   return path

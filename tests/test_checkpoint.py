@@ -1,4 +1,4 @@
-"""jdet.checkpoint: state + grain iterator round trips, retention, stop signals, damaged and
+"""jdet.engine.checkpoint: state + grain iterator round trips, retention, stop signals, damaged and
 mismatched checkpoints."""
 
 import logging
@@ -14,10 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jdet import optim
-from jdet.checkpoint import (CheckpointDamagedError, Checkpointer, CheckpointMismatchError,
-                             StopRequest)
-from jdet.train_state import TrainState
+from jdet.engine import optim
+from jdet.engine.checkpoint import CheckpointDamagedError, Checkpointer, CheckpointMismatchError
+from jdet.engine.signals import StopRequest
+from jdet.engine.train_state import TrainState
 from tests.helpers.faults import flip_bytes, largest_file, truncate_file
 
 
@@ -205,7 +205,7 @@ def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_pa
     assert ckpt.all_steps() == [1, 2]  # a plain restore moves nothing
 
     fresh = iter(_dataset())
-    with caplog.at_level(logging.WARNING, logger="jdet.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="jdet.engine.checkpoint"):
       restored = ckpt.restore_latest_intact(_big_state(0), data_iterator=fresh)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "checkpoint 2 is damaged" in errors[0] and named in errors[0]

@@ -261,7 +261,7 @@ def test_train_and_eval_on_custom_data(name, fmt, voc_tree, coco_files, env, tmp
 
   if fmt == "voc":  # the predictor gives exactly eval.py's detections
     from jdet.data.voc import VocSource
-    from jdet.inference import Predictor
+    from jdet.inference.predictor import Predictor
     import jax
     from jdet import parallel
     # One device, as eval.py ran (the suite simulates four: another split of the batch

@@ -1,18 +1,20 @@
-"""Exporting a predictor (:mod:`jdet.export`) and running it without jdet (:mod:`jdet.exported`).
+"""Exporting a predictor (:mod:`jdet.inference.export`) and running it without jdet (:mod:`jdet.inference.exported`).
 
 * For SSD, RefineDet, Faster R-CNN (smoke configs, seeded weights) and Sparse
   R-CNN (smoke config padded to two size buckets: one exported function per
-  bucket): the exported file, loaded in a fresh process that imports
-  ``jdet/exported.py`` by its path (never the ``jdet`` package, never Flax),
+  bucket): the exported file, loaded in a fresh process that imports a copy of
+  ``jdet/inference/exported.py`` by its path (never the ``jdet`` package, never Flax),
   gives on portrait, landscape, greyscale, larger and tiny images, and on
   8-bit greyscale and 16-bit PNG files, the
   :class:`~jdet.inference.Predictor`'s detections: the same classes and names
   in the same order, boxes within 1e-4 pixels, scores within 1e-6 (the same
   batch size on both sides, so XLA runs programs of the same shapes).
-* ``python -m jdet.export --weights`` writes a file that gives the same
+* ``python -m jdet.inference.export --weights`` writes a file that gives the same
   detections as the in-process export of the same weights.
-* The loader's own imports (read from its syntax tree) are NumPy, JAX, OpenCV,
-  Pillow and the standard library only.
+* The loader's own imports and its image reader's (read from their syntax
+  trees) are NumPy, JAX, OpenCV, Pillow, the standard library and, of jdet,
+  the image reader only; the fresh process above runs them copied into a
+  folder, with every import of ``jdet`` failing.
 * Missing, truncated, corrupt, foreign and wrong-platform files are refused
   with an error naming the file; TTA predictors and unknown evaluation steps
   are refused at export.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -37,15 +40,16 @@ from PIL import Image
 from configs import common, faster_rcnn_r50_fpn, refinedet320, sparse_rcnn, ssd300
 from jdet import convert, parallel
 from jdet.data import transforms as T
-from jdet.export import export_predictor, preprocess_spec
-from jdet.exported import ExportedDetector, ExportedFileError
-from jdet.inference import Predictor, _config_class_names
+from jdet.inference.export import export_predictor, preprocess_spec
+from jdet.inference.exported import ExportedDetector, ExportedFileError
+from jdet.inference.predictor import Predictor, _config_class_names
 from jdet.models import build_model
 from tests.helpers.faults import flip_bytes, truncate_file
 from tests.helpers.weights import numpy_variables
 
 REPO = Path(__file__).resolve().parents[1]
-LOADER = REPO / "jdet" / "exported.py"
+# The standalone loader: these two files, copied beside the exported models.
+LOADER_FILES = (REPO / "jdet" / "inference" / "exported.py", REPO / "jdet" / "inference" / "images.py")
 BATCH = 2  # predictor and export alike; 5 images: two full batches and one with a filler
 # (h, w) and channels: portrait, landscape, greyscale, larger landscape, tiny.
 IMAGES = (((120, 45), 3), ((30, 200), 3), ((77, 50), 0), ((240, 320), 3), ((5, 4), 3))
@@ -96,6 +100,7 @@ def _images():
 
 _RUN = r"""
 import importlib.util, json, sys
+sys.modules["jdet"] = None  # as where jdet is not installed: any import of it fails
 import numpy as np
 spec = importlib.util.spec_from_file_location("standalone_exported", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
@@ -113,8 +118,8 @@ for name, path in zip(sys.argv[5::2], sys.argv[6::2]):
     for key in ("boxes", "scores", "classes"):
       out[f"{name}/{k}/{key}"] = r[key]
 np.savez(sys.argv[3], **out)
-info["_modules"] = sorted(m for m in sys.modules
-                          if m.split(".")[0] in ("flax", "jdet", "optax", "orbax", "grain"))
+info["_modules"] = sorted(m for m, mod in sys.modules.items() if mod is not None
+                          and m.split(".")[0] in ("flax", "jdet", "optax", "orbax", "grain"))
 print(json.dumps(info))
 """
 
@@ -137,7 +142,7 @@ def exported(tmp_path_factory):
   ssd_model = build_model("ssd", **ssd_config.model)
   convert.save_params_npz(folder / "ssd.npz", _variables(ssd_model, 0))
   cli = subprocess.Popen(
-      [sys.executable, "-m", "jdet.export", "--config", "configs/ssd300.py:smoke",
+      [sys.executable, "-m", "jdet.inference.export", "--config", "configs/ssd300.py:smoke",
        "--weights", str(folder / "ssd.npz"), "--out", str(folder / "cli.jdet"),
        "--batch_size", str(BATCH), "--score_threshold", "0", "--platforms", "cpu"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,7 +162,12 @@ def exported(tmp_path_factory):
   assert cli.returncode == 0, stderr[-4000:]
   assert "cli.jdet" in stdout
   files += ["cli", str(folder / "cli.jdet")]
-  proc = subprocess.run([sys.executable, "-c", _RUN, str(LOADER), str(folder / "images.npz"),
+  loader = folder / "standalone"
+  loader.mkdir()
+  for file in LOADER_FILES:
+    shutil.copy(file, loader / file.name)
+  proc = subprocess.run([sys.executable, "-c", _RUN, str(loader / "exported.py"),
+                         str(folder / "images.npz"),
                          str(folder / "got.npz"), json.dumps(paths), *files],
                         cwd=folder, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -192,7 +202,7 @@ def test_exported_file_gives_the_predictors_detections(exported, name):
 
 @pytest.mark.slow
 def test_command_line_export(exported):
-  """``python -m jdet.export --weights`` gives what the in-process export of the same
+  """``python -m jdet.inference.export --weights`` gives what the in-process export of the same
   weights gives, with the config's class names."""
   _assert_same(exported["want"]["ssd"], exported["got"], exported["info"], "cli")
   with zipfile.ZipFile(exported["folder"] / "cli.jdet") as zf:
@@ -203,17 +213,23 @@ def test_command_line_export(exported):
 
 
 def test_loader_imports_no_model_code():
-  tree = ast.parse(LOADER.read_text())
-  roots = set()
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Import):
-      roots |= {a.name.split(".")[0] for a in node.names}
-    elif isinstance(node, ast.ImportFrom):
-      assert node.level == 0, "relative import"
-      roots.add(node.module.split(".")[0])
   allowed = {"numpy", "jax", "cv2", "PIL", "__future__"} | set(sys.stdlib_module_names)
+  roots, jdet_modules = set(), set()
+  for file in LOADER_FILES:
+    for node in ast.walk(ast.parse(file.read_text())):
+      if isinstance(node, ast.Import):
+        modules = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        assert node.level == 0, "relative import"
+        modules = [node.module]
+      else:
+        continue
+      jdet_modules |= {m for m in modules if m.split(".")[0] == "jdet"}
+      roots |= {m.split(".")[0] for m in modules if m.split(".")[0] != "jdet"}
   assert roots <= allowed, roots - allowed
-  assert {"jax", "numpy", "cv2"} <= roots
+  assert {"jax", "numpy", "cv2", "PIL"} <= roots
+  # Of jdet, only the image reader beside it (which the copy carries).
+  assert jdet_modules == {"jdet.inference.images"}
 
 
 @pytest.mark.slow

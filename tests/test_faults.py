@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from jdet import training
+from jdet.engine import restore, training
 from jdet.data.builder import ConfigError
 
 from configs import ssd300 as ssd300_config
@@ -161,6 +162,8 @@ def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
       kills.append(where)
       mid_write += cut
   assert len(kills) >= 5 and mid_write >= 2, (kills, log_path.read_text()[-4000:])
+  # Each killed run left its lock file; the next run took it over, saying so.
+  assert log_path.read_text().count("which ended without releasing it") >= len(kills) - 1
 
   run_program(_cmd("train.py", workdir, *_kill_run_flags()), env)  # to the end, after the last kill
   assert checkpoint_steps(workdir)[-1] == NUM_STEPS
@@ -169,6 +172,66 @@ def test_kill_9_at_random_steps_and_during_checkpoint_writes_resumes_bitwise(
   lines, reference = _logged(workdir), _logged(reference_run)
   assert [m["step"] for m in lines] == list(range(1, NUM_STEPS + 1))  # each step once
   assert [m["loss"] for m in lines] == [m["loss"] for m in reference]
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir; a full disk.
+# ----------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_naming_the_first(tmp_path, compile_cache,
+                                                                  reference_run):
+  env = program_env(compile_cache)
+  workdir = tmp_path / "run"
+  lock = workdir / "run.lock"
+  with running(_cmd("train.py", workdir, *_kill_run_flags()), env, tmp_path / "first.log") as first:
+    deadline = time.time() + 240
+    while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
+      assert first.poll() is None and time.time() < deadline, "the first run took no lock"
+      time.sleep(0.01)
+    second = run_program(_cmd("train.py", workdir, *_kill_run_flags()), env, expect=1)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-4000:]
+  assert _last_line(second.stderr).startswith(f"error: {workdir} is in use by process {first.pid}")
+  assert "Traceback" not in second.stderr
+  # The first run was left alone: it finished exactly as an uninterrupted run, and let go.
+  assert checkpoint_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]
+  _assert_same_checkpoint(workdir, reference_run, NUM_STEPS)
+  assert [m["step"] for m in _logged(workdir)] == list(range(1, NUM_STEPS + 1))
+  assert not lock.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2.5 MiB file system (tmpfs): room for one smoke checkpoint, not two."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("mounting a tmpfs needs root (the injected ENOSPC of tests/test_workdir.py "
+                "covers the same path)")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_workdir_resumes(tmp_path, compile_cache,
+                                                                 reference_run, small_disk):
+  env = program_env(compile_cache)
+  workdir = small_disk / "run"
+  proc = run_program(_cmd("train.py", workdir, *_kill_run_flags()), env, expect=28)
+  last = _last_line(proc.stderr)
+  assert last.startswith(f"error: no space left on the device of {workdir} while writing "
+                         f"checkpoint "), last
+  assert " MiB free" in last and "run the same command to resume" in last
+  assert "Traceback" not in proc.stderr and "No space left" not in proc.stderr.replace(last, "")
+  kept = checkpoint_steps(workdir)
+  assert kept and not _pending_writes(workdir)  # the cut step removed, the earlier one kept
+  assert not (workdir / "run.lock").exists()
+  # Space freed (the run moved to a roomier disk): it resumes and ends as if never stopped.
+  roomy = tmp_path / "run"
+  shutil.copytree(workdir, roomy)
+  resumed = run_program(_cmd("train.py", roomy, *_kill_run_flags()), env)
+  assert f"resumed from step {kept[-1]}" in resumed.stderr
+  _assert_same_checkpoint(roomy, reference_run, NUM_STEPS)
 
 
 # ----------------------------------------------------------------------------
@@ -187,6 +250,7 @@ def test_train_resumes_from_the_previous_step_when_the_latest_is_truncated(
   assert f"resuming from checkpoint {NUM_STEPS - 1}, the newest intact one" in proc.stderr
   assert f"resumed from step {NUM_STEPS - 1}" in proc.stderr
   assert NOISE not in proc.stderr
+  assert "[process=0]" not in proc.stderr  # the warnings show; orbax's INFO lines do not
   assert (workdir / "checkpoints" / "damaged" / str(NUM_STEPS) / "state").is_dir()  # kept
   _assert_same_checkpoint(workdir, reference_run, NUM_STEPS)  # the step done again, exactly
 
@@ -210,7 +274,7 @@ def test_another_models_checkpoint_is_a_clear_last_error(tmp_path, compile_cache
   proc = run_program(_cmd("train.py", workdir, *_kill_run_flags(NUM_STEPS + 2),
                           "--config.model.fc_width=64"), program_env(compile_cache), expect=1)
   last = _last_line(proc.stderr)
-  assert last.startswith(f"jdet.checkpoint.CheckpointMismatchError: checkpoint {NUM_STEPS}"), last
+  assert last.startswith(f"jdet.engine.checkpoint.CheckpointMismatchError: checkpoint {NUM_STEPS}"), last
   assert "params/backbone/fc6/kernel" in last and "in the checkpoint" in last, last
   assert NOISE not in proc.stderr
   assert checkpoint_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]  # nothing moved aside
@@ -294,7 +358,7 @@ def test_eval_without_a_checkpoint_says_so_before_building_anything(tmp_path):
   config = _config()
   t0 = time.time()
   with pytest.raises(FileNotFoundError, match="no checkpoint in .* and no config.init.weights"):
-    training.restore_for_eval(None, config, str(tmp_path), None, mesh=None)  # nothing built
+    restore.restore_for_eval(None, config, str(tmp_path), None, mesh=None)  # nothing built
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .*available steps: \[\]"):
-    training.restore_for_eval(None, config, str(tmp_path), None, mesh=None, step=7)
+    restore.restore_for_eval(None, config, str(tmp_path), None, mesh=None, step=7)
   assert time.time() - t0 < 5

@@ -1,4 +1,4 @@
-"""jdet.hostmem: with JDET_KEEP_HOST_MEMORY=1 a freed large block is reused, not zero-filled again.
+"""jdet.engine.hostmem: with JDET_KEEP_HOST_MEMORY=1 a freed large block is reused, not zero-filled again.
 
 Each case runs in a fresh process (the setting is process-wide and must come
 before the first large allocation): it allocates, touches and frees a 64 MiB
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 PROBE = f"""
 import ctypes, json, resource
 import jdet
-from jdet import hostmem
+from jdet.engine import hostmem
 libc = ctypes.CDLL("libc.so.6")
 libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the machine's THP mode
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

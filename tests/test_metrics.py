@@ -1,4 +1,4 @@
-"""jdet.metrics: CRC-32C, JSON lines, event files read back by TensorBoard, the progress line."""
+"""jdet.engine.metrics: CRC-32C, JSON lines, event files read back by TensorBoard, the progress line."""
 
 import io
 import json
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jdet import metrics
+from jdet.engine import metrics
 
 event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

@@ -1,4 +1,4 @@
-"""jdet.optim against torch.optim and hand-computed schedules."""
+"""jdet.engine.optim against torch.optim and hand-computed schedules."""
 
 import types
 
@@ -9,7 +9,7 @@ import optax
 import pytest
 import torch
 
-from jdet import optim
+from jdet.engine import optim
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:

@@ -37,7 +37,7 @@ from PIL import Image
 from configs import common, faster_rcnn_r50_fpn, ssd300
 from jdet import convert, parallel
 from jdet.class_names import read_class_names, write_class_names
-from jdet.inference import ImageReadError, Predictor, to_rgb8
+from jdet.inference.predictor import ImageReadError, Predictor, to_rgb8
 from jdet.models import build_model
 from jdet.models.detector import finalize_detections
 

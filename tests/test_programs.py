@@ -59,7 +59,11 @@ def test_smoke_train_then_eval(tmp_path, compile_cache):
   config = ssd300_config.get_config("smoke")
   env = program_env(compile_cache)
   workdir = tmp_path / "run"
-  _run("train.py", "--workdir", str(workdir), env=env)
+  train = _run("train.py", "--workdir", str(workdir), env=env)
+  # Quiet by default: jdet's progress and evaluations, no library INFO lines (orbax).
+  assert "final evaluation" in train.stderr
+  assert not [line for line in train.stderr.splitlines()
+              if "[process=0]" in line or "checkpoint_manager" in line], train.stderr[-3000:]
 
   num_steps, every = int(config.train.num_steps), int(config.train.checkpoint_every)
   assert every < num_steps

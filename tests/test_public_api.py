@@ -21,7 +21,7 @@ def test_predictor_is_public_and_loaded_on_first_use():
   import subprocess
   import sys
   code = ("import sys, jdet; assert 'jdet.inference' not in sys.modules; "
-          "from jdet.inference import Predictor; assert jdet.Predictor is Predictor; "
+          "from jdet.inference.predictor import Predictor; assert jdet.Predictor is Predictor; "
           "print('ok')")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -1,4 +1,4 @@
-"""jdet.train_state.TrainState: updates, keys, serialisation and a donated jit step."""
+"""jdet.engine.train_state.TrainState: updates, keys, serialisation and a donated jit step."""
 
 import flax.linen as nn
 import flax.serialization
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdet.train_state import TrainState
+from jdet.engine.train_state import TrainState
 
 
 class _Net(nn.Module):

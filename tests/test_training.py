@@ -1,6 +1,6 @@
 """The training loop on the smoke config: devices, resuming, bad losses, SIGTERM.
 
-Each test runs the real :func:`jdet.training.train_and_evaluate` (or
+Each test runs the real :func:`jdet.engine.training.train_and_evaluate` (or
 ``train.py``) for a few steps and compares it with an equal run: the same
 global batch on 1 and 4 devices, an interrupted and an uninterrupted run, a
 run stopped by a signal and its continuation. Evaluation is switched off
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jdet import training
+from jdet.engine import training
 
 from configs import ssd300 as ssd300_config
 from tests.helpers.runs import (checkpoint_steps, jax_compile_cache, program_env, run_program,

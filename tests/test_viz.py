@@ -133,10 +133,10 @@ def test_image_grid_with_fewer_images_than_columns_and_mixed_sizes():
   assert grid.shape == (16, 6, 3)
 
 
-def test_save_png_round_trip(tmp_path):
+def test_save_image_round_trip(tmp_path):
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
-  path = viz.save_png(tmp_path / "sub" / "x.png", image)
+  path = viz.save_image(tmp_path / "sub" / "x.png", image)
   back = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
   assert np.array_equal(back, image)
 

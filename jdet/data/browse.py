@@ -99,7 +99,7 @@ def browse(data_config: Any, *, split: str = "train", num: int = 16, out: str = 
            for image, boxes, labels in zip(batch["image"], batch["boxes"], batch["labels"])]
   n = len(drawn)
   grid = viz.image_grid(drawn, cols or math.ceil(math.sqrt(n)))
-  viz.save_png(out, grid)
+  viz.save_image(out, grid)
   labels = batch["labels"][batch["labels"] >= 0]
   per_class = collections.Counter(names[int(k)] for k in labels)
   skip_log = getattr(source, "skip_log", None)

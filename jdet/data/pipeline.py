@@ -326,7 +326,7 @@ def _group_canvases(transform: Transform,
   return (landscape, portrait), float(pad.value)
 
 
-def _filler(template: dict[str, np.ndarray], channels: int,
+def _filler_sample(template: dict[str, np.ndarray], channels: int,
             canvas: tuple[int, int]) -> dict[str, np.ndarray]:
   """A blank image of ``canvas`` with no boxes, ``valid=False`` (training ignores it)."""
   out = {k: np.zeros_like(v) for k, v in template.items()}
@@ -367,7 +367,7 @@ class _PrepareGrouped:
     canvas = self.canvases[group]
     example = self.source[index]
     if example is None:  # unreadable image: the source has counted and logged it
-      return _filler(self.template, self.channels, canvas)
+      return _filler_sample(self.template, self.channels, canvas)
     sample = self.prepare(example, rng)
     image = sample["image"]
     if image.shape[:2] == canvas:
@@ -379,7 +379,7 @@ class _PrepareGrouped:
                          detail=f"{_GROUP_NAMES[group]} group, canvas {canvas}, image (h, w) "
                                 f"{(h, w)} (wrong size metadata, or buckets that do not "
                                 "hold every image of an orientation)")
-      return _filler(self.template, self.channels, canvas)
+      return _filler_sample(self.template, self.channels, canvas)
     padded = np.full((*canvas, self.channels), self.pad_value, np.float32)
     padded[:h, :w] = image[:h, :w]
     sample["image"] = padded
@@ -486,6 +486,12 @@ def eval_batches(source: DetectionSource, transform: Transform, *, batch_size: i
   it = it.batch(batch_size, drop_remainder=False).map(_PadTo(batch_size))
   it = it.map(_AttachNotes()) if data_notes else it
   return iter(_maybe_workers(it, num_workers))
+
+
+def first_sample(source: DetectionSource, transform: Transform) -> dict[str, np.ndarray]:
+  """The first image of ``source`` prepared by ``transform``, as a batch of one: the
+  shapes a model is initialised or restored with (training, evaluation, the predictor)."""
+  return next(iter(eval_batches(source, transform, batch_size=1)))
 
 
 def stack_samples(samples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ def make_predict_fn(model) -> Callable:
   return jax.jit(lambda variables, batch: model.apply(variables, batch, method="predict"))
 
 
-def _filler(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _filler_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A batch like ``batch`` with only filler images."""
   return pipeline.pad_batch({k: v[:0] for k, v in batch.items()}, len(batch["valid"]))
 
@@ -104,14 +104,9 @@ def _batches(source, transform, *, local_batch: int, num_batches: int,
     num_batches -= 1
   if num_batches > 0:
     if last is None:  # this process has no image at all: build one real sample for the shapes
-      last = pipeline.pad_batch(pipeline.stack_samples([_first_sample(source, transform)]),
-                                local_batch)
+      last = pipeline.pad_batch(pipeline.first_sample(source, transform), local_batch)
     for _ in range(num_batches):
-      yield _filler(last)
-
-
-def _first_sample(source, transform) -> dict[str, np.ndarray]:
-  return next(iter(pipeline.eval_batches(source, transform, batch_size=1)))
+      yield _filler_batch(last)
 
 
 def _input_pixels(boxes: np.ndarray, scale_factor: np.ndarray) -> np.ndarray:

@@ -68,11 +68,11 @@ from jax import lax
 
 from jdet import boxes as box_lib
 from jdet.detections import Detections
-from jdet.models.detector import (finalize_detections, image_sizes, supports_tta,
+from jdet.models.detector import (finalize_detections, real_image_sizes, supports_tta,
                                   to_original_pixels)
 from jdet.ops.nms import DEFAULT_TILE_SIZE, nms
 
-__all__ = ["TTASettings", "default_settings", "make_tta_predict_fn", "scale_candidates",
+__all__ = ["tta_setup", "TTASettings", "default_settings", "make_tta_predict_fn", "scale_candidates",
            "merge_candidates", "tta_data_config", "MERGES"]
 
 MERGES = ("nms", "vote")
@@ -300,7 +300,7 @@ def scale_candidates(model, variables, batch, *, side: int, flips: Sequence[bool
   x = _resize_square(x.reshape(b * f, h, w, ch), side)  # [B * F, side, side, ch]
   if canvas > side:
     x = jnp.pad(x, ((0, 0), (0, canvas - side), (0, canvas - side), (0, 0)))
-  image_size = image_sizes(batch)
+  image_size = real_image_sizes(batch)
   pass_size = (image_size.astype(jnp.int32) * side + h // 2) // h  # [B, 2] rounded
   pass_batch = {k: jnp.repeat(jnp.asarray(v), f, axis=0) for k, v in batch.items()
                 if k != "image"}  # [B * F, ...]
@@ -399,6 +399,14 @@ def merge_candidates(boxes, scores, batch, *, iou_threshold: float, max_detectio
 # ----------------------------------------------------------------------------
 # The predict function.
 # ----------------------------------------------------------------------------
+
+
+def tta_setup(model, config) -> tuple[Any, Callable, TTASettings]:
+  """``(data config, predict_fn, settings)`` of test-time augmentation for ``model``:
+  the config's ``tta`` section (or the defaults) resolved for the model, the data
+  section that feeds it, and its jitted predict (``eval.py --tta``, the predictor)."""
+  settings = TTASettings.from_config(config.get("tta")).resolve(model)
+  return tta_data_config(config.data, settings), make_tta_predict_fn(model, settings), settings
 
 
 def make_tta_predict_fn(model, settings: TTASettings | None = None) -> Callable:

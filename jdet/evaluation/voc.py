@@ -14,7 +14,7 @@ Matching, per class, as the devkit's ``voc_eval.py`` does it:
    the devkit's unstable sort may order ties differently).
 2. Each detection is compared with the ground-truth boxes of its class in its
    image, difficult ones included, and takes the one of highest IoU (the first
-   of equal ones). If that IoU is not above ``iou_threshold`` (strictly
+   of equal ones). If that IoU is not above ``match_iou`` (strictly
    greater, as in the devkit), the detection is a false positive. Otherwise,
    if that box is *difficult* (``iscrowd=1`` in the COCO-format dict, which is
    how VOC sources mark difficult objects), the detection is ignored: neither
@@ -122,17 +122,17 @@ class VocEvaluator:
     category_ids: ``category_ids[label]`` is the dataset's category id of the
       contiguous label ``label``.
     class_names: the name of each label.
-    iou_threshold: a detection matches a box when their IoU is above this.
+    match_iou: a detection matches a box when their IoU is above this.
     use_07_metric: 11-point AP (VOC2007) or area AP (VOC2010 on); see :func:`voc_ap`.
   """
 
   def __init__(self, ground_truth: dict, *, category_ids: Sequence[int],
-               class_names: Sequence[str], iou_threshold: float = 0.5,
+               class_names: Sequence[str], match_iou: float = 0.5,
                use_07_metric: bool = True):
     self.category_ids, self.class_names = check_classes(category_ids, class_names)
-    if not 0.0 <= iou_threshold < 1.0:
-      raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
-    self.iou_threshold = float(iou_threshold)
+    if not 0.0 <= match_iou < 1.0:
+      raise ValueError(f"match_iou must be in [0, 1), got {match_iou}")
+    self.match_iou = float(match_iou)
     self.use_07_metric = bool(use_07_metric)
     for key in ("images", "annotations"):
       if key not in ground_truth:
@@ -215,7 +215,7 @@ class VocEvaluator:
       positives = int(np.sum(evaluated & (self._gt_labels == label) & ~self._gt_difficult))
       dets = np.flatnonzero(labels == label)
       dets = dets[np.argsort(-scores[dets], kind="stable")]  # highest score first
-      hit = best_iou[dets] > self.iou_threshold
+      hit = best_iou[dets] > self.match_iou
       box = best_box[dets]
       ignored = np.zeros(len(dets), bool)
       ignored[hit] = self._gt_difficult[box[hit]]

@@ -175,8 +175,6 @@ def real_image_sizes(batch) -> jnp.ndarray:
   return jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32), (image.shape[0], 2))
 
 
-# The former name of real_image_sizes (a data source's image_sizes() are stored sizes).
-image_sizes = real_image_sizes
 
 
 def image_valid(batch) -> jnp.ndarray:

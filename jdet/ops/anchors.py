@@ -7,7 +7,7 @@ Two families:
   ratios, centred at ``((j + offset) * step, (i + offset) * step)``.
   :func:`ssd_default_boxes`, :func:`ssd_sizes`. The models build their
   anchors from their own fields (``SSD``, ``RefineDet``); the papers' presets
-  (SSD300, SSD512, RefineDet320) are the tests' references, in ``tests/helpers.py``.
+  (SSD300, SSD512, RefineDet320) are the tests' references, in ``tests/helpers/anchor_presets.py``.
 * Grid anchors for RPN / FPN heads, as torchvision's ``AnchorGenerator`` makes
   them: zero-centred base anchors from sizes x ratios, rounded to integers,
   shifted by ``(x * stride, y * stride)``. :func:`grid_anchors`,

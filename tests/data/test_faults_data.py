@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import jdet
-from jdet import training
+from jdet.engine import training
 from jdet.data import builder, images, pipeline, records
 from jdet.data.coco import CocoSource
 from jdet.data.records import DataReport, SkipLog
@@ -137,7 +137,7 @@ def test_training_logs_cut_boxes_and_totals_skips_from_workers(tmp_path, caplog)
   config.data.max_boxes = 1  # every image has two boxes: one is cut from each
   config.train.update(num_steps=4, eval_every=0, log_every=2, checkpoint_every=0)
   workdir = tmp_path / "run"
-  with caplog.at_level(logging.INFO, logger="jdet.training"):
+  with caplog.at_level(logging.INFO, logger="jdet.engine.training"):
     training.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], progress=False)
 
   # What the pipeline itself says it cut in the same batches (same seed, same order).

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import jdet
-from jdet import parallel, training
+from jdet import parallel
 from jdet.data import builder, pipeline
 from jdet.evaluation import tta
 from jdet.testing import TraceCounter
@@ -437,7 +437,7 @@ def test_sharded_batch_gives_the_same_detections(rng):
   batch = _batch(32, [(64, 128), (100, 80), (64, 128), (30, 200)], valid=[True, True, False, True])
   ref = _np(tta.make_tta_predict_fn(model, settings)({}, batch))
   mesh = parallel.make_mesh(jax.devices()[:4])
-  with training.mesh_context(mesh):
+  with parallel.mesh_context(mesh):
     out = tta.make_tta_predict_fn(model, settings)(parallel.replicate({}, mesh),
                                                    parallel.shard_batch(batch, mesh))
     assert len(out.boxes.sharding.device_set) == 4

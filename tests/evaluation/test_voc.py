@@ -107,7 +107,7 @@ def test_iou_must_exceed_the_threshold_in_continuous_coordinates():
   e = VocEvaluator(gt, category_ids=[1, 2], class_names=["a", "b"])
   _add(e, 1, [[0, 0, 5, 10]], [0.9], [0])
   assert e.evaluate()["per_class"]["a"] == 0.0
-  e = VocEvaluator(gt, category_ids=[1, 2], class_names=["a", "b"], iou_threshold=0.45)
+  e = VocEvaluator(gt, category_ids=[1, 2], class_names=["a", "b"], match_iou=0.45)
   _add(e, 1, [[0, 0, 5, 10]], [0.9], [0])
   assert e.evaluate()["per_class"]["a"] == pytest.approx(1.0)
 

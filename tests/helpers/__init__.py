@@ -10,6 +10,8 @@
 * :mod:`tests.helpers.images`: random PNGs written for fixtures, the raccoon photos.
 * :mod:`tests.helpers.iterators`: data iterators resumed from a saved state.
 * :mod:`tests.helpers.faults`: damaging files, a pickle that records being unpickled.
+* :mod:`tests.helpers.detector_batches`: a predict batch with resized, filler and
+  padded images; a detector's loss with its gradient.
 * :mod:`tests.helpers.runs`: the programs run as subprocesses, a JAX compilation
   cache for a module's runs, the checkpoint steps of a workdir.
 

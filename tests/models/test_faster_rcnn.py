@@ -37,7 +37,7 @@ from jdet.engine.training import make_train_step
 from configs import faster_rcnn_r50_fpn as frcnn_config
 from tests.helpers.references import best_iou_per_object
 from tests.helpers.weights import numpy_variables
-from tests.models.detector_checks import resized_filler_padded_batch
+from tests.helpers.detector_batches import resized_filler_padded_batch
 
 # A 128 x 160 canvas with the smoke config's anchors (8 .. 128 on P2 .. P6).
 CANVAS = (128, 160)

@@ -23,7 +23,7 @@ from configs import refinedet320, refinedet512, ssd300
 from tests.helpers.anchor_presets import refinedet_anchors
 from tests.helpers.references import np_iou
 from tests.helpers.weights import numpy_variables
-from tests.models.detector_checks import loss_value_and_grad
+from tests.helpers.detector_batches import loss_value_and_grad
 
 NUM_CLASSES = 5  # foreground classes of the small cases
 IMAGE = 64       # their input side: maps 8, 4, 2, 1 -> (64 + 16 + 4 + 1) * 3 = 255 anchors

@@ -25,7 +25,7 @@ from jdet.models.sparse_rcnn import (SparseRCNN, decode_detections, matching_cos
 from jdet.testing import assert_traces_once
 
 from configs import sparse_rcnn as sparse_config
-from tests.models.detector_checks import loss_value_and_grad
+from tests.helpers.detector_batches import loss_value_and_grad
 
 TINY = dict(num_classes=5, depth=18, widths=(4, 8, 16, 32), stem_width=4, norm="batch",
             frozen_stages=-1, fpn_channels=16, num_proposals=12, num_stages=2, num_heads=2,

@@ -26,7 +26,7 @@ from jdet.engine.training import make_train_step
 from configs import ssd300 as ssd300_config
 from tests.helpers.references import best_iou_per_object
 from tests.helpers.weights import numpy_variables
-from tests.models.detector_checks import resized_filler_padded_batch
+from tests.helpers.detector_batches import resized_filler_padded_batch
 
 # Jitted once: eager op-by-op dispatch would compile every primitive separately.
 _targets = jax.jit(ssd_targets)

@@ -36,7 +36,7 @@ records how many it had to cut in ``sample["truncated_boxes"]``.
 The package, by topic (everything is imported from here):
 
 * :mod:`~jdet.data.transforms.core`: the sample, :func:`sample_from_example`,
-  box bookkeeping (:func:`clean_boxes`, :func:`pad_boxes`), :class:`Compose`.
+  box bookkeeping (:func:`clip_sample_boxes`, :func:`pad_boxes`), :class:`Compose`.
 * :mod:`~jdet.data.transforms.boxes`: the NumPy box maths transforms need
   (flip, resize, translate, clip, IoU), with :mod:`jdet.boxes`'s conventions.
 * :mod:`~jdet.data.transforms.geometry`: flips, resizes, crops, zoom out, padding.
@@ -60,7 +60,7 @@ from jdet.data.transforms.boxes import (box_iou, clip_boxes, hflip_boxes, resize
                                         translate_boxes)
 from jdet.data.transforms.choice import RandomChoice
 from jdet.data.transforms.core import (BOX_KEYS, DEFAULT_MIN_SIZE, Compose, PadBoxes, Sample,
-                                       Transform, clean_boxes, drop_boxes, pad_boxes,
+                                       Transform, clip_sample_boxes, drop_boxes, pad_boxes,
                                        sample_from_example)
 from jdet.data.transforms.geometry import (Expand, KeepRatioResize, MinIoURandomCrop, Pad,
                                            RandomHFlip, RandomSizeCrop, Resize, choose_bucket,
@@ -78,7 +78,7 @@ __all__ = [
     "hflip_boxes", "resize_boxes", "translate_boxes", "clip_boxes", "box_iou",
     "rescale_size", "choose_bucket",
     # Samples and deterministic operations on them.
-    "Sample", "sample_from_example", "drop_boxes", "clean_boxes", "hflip", "resize", "crop",
+    "Sample", "sample_from_example", "drop_boxes", "clip_sample_boxes", "hflip", "resize", "crop",
     "expand", "pad", "pad_boxes",
     # Transforms.
     "Transform", "Compose", "RandomChoice", "ToFloat", "PhotometricDistort", "Expand",

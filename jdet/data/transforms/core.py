@@ -13,7 +13,7 @@ import numpy as np
 from jdet.data.transforms.boxes import as_boxes, box_area, clip_boxes
 
 __all__ = ["Sample", "Transform", "BOX_KEYS", "DEFAULT_MIN_SIZE", "sample_from_example",
-           "drop_boxes", "clean_boxes", "pad_boxes", "Compose", "PadBoxes"]
+           "drop_boxes", "clip_sample_boxes", "pad_boxes", "Compose", "PadBoxes"]
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample, np.random.Generator], Sample]
@@ -80,7 +80,7 @@ def drop_boxes(sample: Sample, keep: np.ndarray) -> Sample:
   return out
 
 
-def clean_boxes(sample: Sample, keep: np.ndarray | None = None, *,
+def clip_sample_boxes(sample: Sample, keep: np.ndarray | None = None, *,
                 min_size: float = DEFAULT_MIN_SIZE) -> Sample:
   """Clips ``boxes`` to ``image`` and drops degenerate and small ones (and those not in ``keep``).
 

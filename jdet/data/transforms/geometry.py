@@ -6,7 +6,7 @@ resizing and bucketing (:func:`rescale_size`, :func:`choose_bucket`), and the
 transforms ``(sample, rng) -> sample`` that draw their parameters and call
 them. Every geometric operation clips the boxes to the new image and drops
 (and counts) the ones that leave it or shrink below ``min_size``
-(:func:`~jdet.data.transforms.core.clean_boxes`).
+(:func:`~jdet.data.transforms.core.clip_sample_boxes`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from jdet.data.transforms.boxes import (as_boxes, box_centres, box_iou, hflip_boxes,
                                         resize_boxes, translate_boxes)
-from jdet.data.transforms.core import (DEFAULT_MIN_SIZE, Repr, Sample, clean_boxes, image_hw,
+from jdet.data.transforms.core import (DEFAULT_MIN_SIZE, Repr, Sample, clip_sample_boxes, image_hw,
                                        with_image)
 from jdet.data.transforms.photometric import IMAGENET_MEAN
 
@@ -70,7 +70,7 @@ def hflip(sample: Sample, *, min_size: float = DEFAULT_MIN_SIZE) -> Sample:
   image = sample["image"]
   flipped = np.ascontiguousarray(image[:, ::-1])
   boxes = hflip_boxes(sample["boxes"], image.shape[1])
-  return clean_boxes(with_image(sample, flipped, boxes), min_size=min_size)
+  return clip_sample_boxes(with_image(sample, flipped, boxes), min_size=min_size)
 
 
 def resize(sample: Sample, size: Sequence[int], *, min_size: float = DEFAULT_MIN_SIZE,
@@ -89,7 +89,7 @@ def resize(sample: Sample, size: Sequence[int], *, min_size: float = DEFAULT_MIN
   out = with_image(sample, image, boxes)
   out["scale_factor"] = (np.asarray(sample.get("scale_factor", (1.0, 1.0)), np.float64)
                          * scale).astype(np.float32)
-  return clean_boxes(out, min_size=min_size)
+  return clip_sample_boxes(out, min_size=min_size)
 
 
 def crop(sample: Sample, rect: Sequence[int], *, center_only: bool = True,
@@ -110,7 +110,7 @@ def crop(sample: Sample, rect: Sequence[int], *, center_only: bool = True,
     cx, cy = box_centres(sample["boxes"])
     keep = (cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)
   boxes = translate_boxes(sample["boxes"], -x1, -y1)
-  return clean_boxes(with_image(sample, image, boxes), keep, min_size=min_size)
+  return clip_sample_boxes(with_image(sample, image, boxes), keep, min_size=min_size)
 
 
 def expand(sample: Sample, size: Sequence[int], offset: Sequence[int], fill: Sequence[float], *,
@@ -129,7 +129,7 @@ def expand(sample: Sample, size: Sequence[int], offset: Sequence[int], fill: Seq
   canvas = cv2.copyMakeBorder(image, top, ch - h - top, left, cw - w - left, cv2.BORDER_CONSTANT,
                               value=fill)
   boxes = translate_boxes(sample["boxes"], left, top)
-  return clean_boxes(with_image(sample, canvas, boxes), min_size=min_size)
+  return clip_sample_boxes(with_image(sample, canvas, boxes), min_size=min_size)
 
 
 def pad(sample: Sample, size: Sequence[int], *, value: float = 0.0) -> Sample:

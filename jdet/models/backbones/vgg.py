@@ -48,8 +48,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["L2Norm", "VGGFields", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "REFINEDET_EXTRAS",
-           "conv_kernel_init"]
+from jdet.models.initializers import xavier_conv_init
+
+__all__ = ["L2Norm", "VGGFields", "VGG16", "SSD300_EXTRAS", "SSD512_EXTRAS", "REFINEDET_EXTRAS"]
 
 # (mid_channels, out_channels, kernel, stride, padding) of each extra level.
 SSD300_EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
@@ -61,15 +62,11 @@ REFINEDET_EXTRAS = ((256, 512, 3, 2, 1),)
 # Convolutions per VGG16 stage.
 _STAGE_DEPTHS = (2, 2, 3, 3, 3)
 
-# Xavier-uniform weights and zero biases, as torchvision initialises SSD's new layers.
-conv_kernel_init = nn.initializers.xavier_uniform()
-
-
 def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, dilation: int = 1,
           dtype: Any, name: str) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=(dilation, dilation), dtype=dtype, kernel_init=conv_kernel_init,
+                 kernel_dilation=(dilation, dilation), dtype=dtype, kernel_init=xavier_conv_init,
                  name=name)
 
 

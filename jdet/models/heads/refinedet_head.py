@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdet.models.backbones.vgg import conv_kernel_init
+from jdet.models.initializers import xavier_conv_init
 
 __all__ = ["TransferConnectionBlock", "fit_to"]
 
@@ -71,11 +71,11 @@ class TransferConnectionBlock(nn.Module):
 
     def conv(name):
       return normed(nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                            kernel_init=conv_kernel_init, name=name), name)
+                            kernel_init=xavier_conv_init, name=name), name)
 
     def deconv(name):
       return normed(nn.ConvTranspose(self.width, (2, 2), strides=(2, 2), padding="VALID",
-                                     dtype=self.dtype, kernel_init=conv_kernel_init, name=name),
+                                     dtype=self.dtype, kernel_init=xavier_conv_init, name=name),
                     name)
 
     outputs: list[jnp.ndarray] = [None] * len(features)  # type: ignore[list-item]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdet.models.backbones.vgg import conv_kernel_init
+from jdet.models.initializers import xavier_conv_init
 
 __all__ = ["SSDHead", "flatten_level"]
 
@@ -50,7 +50,7 @@ class SSDHead(nn.Module):
     logits, deltas = [], []
     for k, (x, p) in enumerate(zip(features, self.boxes_per_location)):
       conv = lambda n, name: nn.Conv(n, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                     kernel_init=conv_kernel_init, name=name)
+                                     kernel_init=xavier_conv_init, name=name)
       logits.append(flatten_level(conv(p * self.num_scores, f"cls_{k}")(x), self.num_scores))
       deltas.append(flatten_level(conv(p * 4, f"box_{k}")(x), 4))
     return (jnp.concatenate(logits, axis=1).astype(jnp.float32),

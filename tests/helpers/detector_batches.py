@@ -1,4 +1,5 @@
-"""Test helpers shared by the detector tests of this folder (not tests themselves)."""
+"""Detector inputs and steps the model tests share: a predict batch with resized, filler and
+padded images; the loss with its gradient."""
 
 from __future__ import annotations
 

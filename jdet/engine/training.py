@@ -12,7 +12,7 @@
    optimiser of ``config.optim``.
 4. **Resume**: the newest intact checkpoint in ``workdir/checkpoints``, if any
    (state, RNG, data position), verified against its checksums; a damaged
-   newer one is moved to ``checkpoints/damaged/`` (see :mod:`jdet.checkpoint`).
+   newer one is moved to ``checkpoints/damaged/`` (see :mod:`jdet.engine.checkpoint`).
    The metrics log is cut back to that step.
 5. **Loop**: one jitted update that donates its state. Every ``log_every``
    steps the metrics go to ``workdir/metrics.jsonl`` and TensorBoard; every
@@ -32,8 +32,10 @@ The config is checked first (:func:`check_config`), before anything is built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,17 +44,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdet import optim, parallel
-from jdet.checkpoint import CheckpointDamagedError, Checkpointer, StopRequest
+from jdet import parallel
+from jdet.engine.checkpoint import Checkpointer
+from jdet.engine.restore import init_state
+from jdet.engine import logs
+from jdet.engine import workdir as workdir_lib
+from jdet.engine.signals import StopRequest
 from jdet.class_names import write_class_names
 from jdet.data import builder, pipeline, records
 from jdet.evaluation import loop as eval_loop
-from jdet.metrics import MetricWriter, ProgressBar
+from jdet.engine.metrics import MetricWriter, ProgressBar
 from jdet.models import build_model
-from jdet.train_state import TrainState
+from jdet.engine.train_state import TrainState
 
-__all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "init_state",
-           "load_initial_weights", "restore_for_eval", "TrainResult", "check_config"]
+__all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "TrainResult",
+           "check_config"]
 
 log = logging.getLogger(__name__)
 
@@ -70,81 +76,6 @@ class TrainResult(dict):
 # ----------------------------------------------------------------------------
 # Pieces, usable on their own (tests, notebooks).
 # ----------------------------------------------------------------------------
-
-
-def _model_variables(model, batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
-  """``model.init`` on one image of ``batch`` (shapes only matter)."""
-  image = jnp.asarray(batch["image"][:1])
-  return jax.jit(lambda key: model.init(key, image))(jax.random.key(seed))
-
-
-def load_initial_weights(variables: dict[str, Any], init_config: Any) -> dict[str, Any]:
-  """Applies ``config.init`` to the model's ``variables`` (``params`` and
-  ``batch_stats``): ``weights`` (a whole converted model) and then ``backbone``
-  (ImageNet weights for the backbone), each a path to a torch state dict
-  (``.pth``, read with ``weights_only=True``), ``.safetensors`` or ``.npz``.
-  Returns the new variables."""
-  backbone = getattr(init_config, "backbone", "") if init_config is not None else ""
-  weights = getattr(init_config, "weights", "") if init_config is not None else ""
-  if not backbone and not weights:
-    return variables
-  from jdet import convert  # torch is only needed for .pth files
-  if weights:
-    variables = convert.load_model_variables(weights, variables)
-  if backbone:
-    variables = convert.load_backbone_variables(backbone, variables)
-  return variables
-
-
-def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int,
-               load_weights: bool = True):
-  """``(TrainState, schedule)`` at step 0: initial variables, weights from
-  ``config.init`` (if ``load_weights``), the optimiser of ``config.optim``."""
-  variables = _model_variables(model, sample_batch, int(config.train.seed))
-  if load_weights:
-    variables = load_initial_weights(variables, config.get("init"))
-  # The model's frozen parameters (e.g. frozen ResNet stages) follow its fields.
-  tx, schedule = optim.build_optimizer(config.optim, total_steps=total_steps,
-                                       frozen=model.frozen_parameters())
-  state = TrainState.create(params=variables["params"], batch_stats=variables.get("batch_stats", {}), tx=tx,
-                            rng=jax.random.key(int(config.train.seed) + 1))
-  return state, schedule
-
-
-def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.ndarray], *,
-                     mesh, step: int | None = None) -> tuple[dict[str, Any], int | None]:
-  """The variables to evaluate: checkpoint ``step`` (default the latest) of
-  ``workdir``; with no checkpoint at all, the weights of ``config.init``
-  (e.g. converted torchvision weights). Returns ``(variables, step or None)``."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    # Checked before the model is initialised (seconds to minutes of compiling).
-    if step is not None and step not in ckpt.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; "
-                              f"available steps: {ckpt.all_steps()}")
-    init = config.get("init")
-    if step is None and ckpt.latest_step() is None:
-      if not (init and (init.get("weights") or init.get("backbone"))):
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
-                                f"to evaluate; train first or pass --config.init.weights=FILE")
-    state, _ = init_state(model, config, sample_batch,
-                          total_steps=int(config.train.num_steps), load_weights=False)
-    if step is None and ckpt.latest_step() is None:
-      log.info("no checkpoint in %s: evaluating the weights of config.init", ckpt.directory)
-      variables = load_initial_weights(state.variables, init)
-      state = state.replace(params=variables["params"],
-                            batch_stats=variables.get("batch_stats", state.batch_stats))
-      return parallel.replicate(state.variables, mesh), None
-    try:
-      state = ckpt.restore(parallel.replicate(state, mesh), step=step)
-    except CheckpointDamagedError as e:
-      others = [s for s in ckpt.all_steps() if s != e.step]
-      raise CheckpointDamagedError(
-          e.step, e.path, f"{e.problem}. Not evaluated; other steps: {others or 'none'} "
-          f"(--step N); train.py moves a damaged step aside when it resumes") from None
-    return state.variables, int(state.step)
-  finally:
-    ckpt.close()
 
 
 def make_train_step(model, schedule: Callable) -> Callable:
@@ -265,8 +196,13 @@ def _eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | None = None,
-                       max_steps: int | None = None, progress: bool = True) -> TrainResult:
+                       max_steps: int | None = None, progress: bool = True,
+                       allow_changes: bool = False) -> TrainResult:
   """Trains ``config`` in ``workdir`` (resuming from its last checkpoint).
+
+  The run holds the workdir's lock (:class:`jdet.engine.workdir.RunLock`) from
+  the start to the end; a resume compares ``config`` with the one the run was
+  started with (:func:`jdet.engine.workdir.check_resume`).
 
   Args:
     config: a config from ``configs/`` (``model_name``, ``model``, ``data``,
@@ -276,17 +212,64 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
     max_steps: stop after this many steps of *this* call (the schedule still
       spans ``config.train.num_steps``); for tests of stopping and resuming.
     progress: show a progress bar on process 0.
+    allow_changes: resume even where the config changed the model or the
+      training data (listed in a warning).
   Returns:
     A :class:`TrainResult`.
+  Raises:
+    jdet.engine.workdir.WorkdirBusyError: another run holds ``workdir``.
+    jdet.engine.workdir.ConfigChangedError: a resume changed the model or the data.
+    jdet.engine.workdir.DiskFullError: no space left while writing (the incomplete
+      checkpoint removed; the previous ones intact).
   """
-  tc = config.train
   # --- Devices -----------------------------------------------------------------
   mesh = parallel.make_mesh(devices)
   check_config(config, num_devices=mesh.size)  # before anything is built or compiled
+  is_main = jax.process_index() == 0
+  # --- The workdir: one run at a time, its config recorded -----------------------
+  lock, busy = workdir_lib.RunLock(workdir, primary=is_main), None
+  try:
+    lock.acquire()  # before anything else in the workdir is read or written
+  except workdir_lib.WorkdirBusyError as e:
+    busy = e
+  if not parallel.all_processes_agree(busy is None):
+    lock.release()
+    raise busy or workdir_lib.WorkdirBusyError(f"{workdir} is in use by another run (process 0 "
+                                               f"could not take its lock)")
+  try:
+    resumed_from = _saved_step(workdir)
+    changes = {}
+    if resumed_from is not None:
+      changes = workdir_lib.check_resume(workdir, config, allow_changes=allow_changes)
+    if is_main:
+      with workdir_lib.disk_full_guard(workdir, "the run's config"):
+        workdir_lib.record_start(workdir, config, changes=changes, resumed_from=resumed_from)
+    return _train(config, workdir, mesh, max_steps=max_steps, progress=progress)
+  finally:
+    lock.release()
+
+
+def _unfinished_steps(paths: Sequence[str]) -> list[int]:
+  """The steps of ``<step>.orbax-checkpoint-tmp`` folders."""
+  return sorted({int(m) for p in paths for m in re.findall(r"(\d+)\.orbax-checkpoint-tmp", p)})
+
+
+def _saved_step(workdir: str) -> int | None:
+  """The newest step folder under ``workdir/checkpoints`` (None: a new run)."""
+  try:
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  except FileNotFoundError:
+    return None
+  return max(steps, default=None)
+
+
+def _train(config, workdir: str, mesh, *, max_steps: int | None,
+           progress: bool) -> TrainResult:
+  """The run itself, once the workdir is held."""
+  tc = config.train
   num_steps = int(tc.num_steps)
   log_every, eval_every = int(tc.log_every), int(tc.eval_every)
   checkpoint_every = int(tc.checkpoint_every)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   global_batch = int(config.data.batch_size)
   local_batch = parallel.local_batch_size(global_batch)
@@ -295,7 +278,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   source = builder.build_source(config.data, "train")
   pipeline.check_num_classes(source, int(config.model.num_classes))
   if is_main:  # beside the checkpoints, for the predictor (jdet.class_names)
-    write_class_names(workdir, source.class_names)
+    with workdir_lib.disk_full_guard(workdir, "the class names"):
+      write_class_names(workdir, source.class_names)
   transform = builder.build_transforms(config.data, train=True)
   data_iter = pipeline.train_batches(
       source, transform, batch_size=local_batch, seed=int(config.data.seed),
@@ -307,8 +291,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   # --- Model and optimiser -----------------------------------------------------
   model = build_model(config.model_name, **config.model)
   # Shapes for init: one evaluation-transformed image (same input size as training).
-  sample = next(iter(pipeline.eval_batches(source, builder.build_transforms(config.data, train=False),
-                                           batch_size=1)))
+  sample = pipeline.first_sample(source, builder.build_transforms(config.data, train=False))
   state, schedule = init_state(model, config, sample, total_steps=num_steps)
   state = parallel.replicate(state, mesh)
 
@@ -343,8 +326,15 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
   stopped = False
   last_saved = start if start > 0 else None  # the newest checkpoint of the run
   t_log, n_log = time.time(), 0
+
+  def saving(step: int | None = None) -> str:
+    """What a save writes: checkpoint ``step`` (default the newest one started)."""
+    step = step or last_saved
+    return f"checkpoint {step} to {ckpt.directory}" if step else "a checkpoint"
+
+  disk_full: workdir_lib.DiskFullError | None = None
   try:
-    with mesh_context(mesh), StopRequest() as stop:
+    with parallel.mesh_context(mesh), StopRequest() as stop:
       step = start
       while step < end:
         batch = parallel.shard_batch(accounting.take(next(data_iter), step + 1), mesh)
@@ -367,32 +357,54 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[jax.Device] | 
           scalars = _mean_metrics(host)
           scalars.update(images_per_s=n_log * global_batch / dt, step_time_s=dt / n_log)
           scalars.update(accounting.scalars())
-          writer.write(step, scalars)
+          with workdir_lib.disk_full_guard(workdir, "the metrics log"):
+            writer.write(step, scalars)
           bar.update(step, loss=scalars["loss"], img_s=scalars["images_per_s"])
           t_log, n_log = time.time(), 0
         if do_eval:
           last_eval = evaluate(state)
           if is_main:
-            writer.write(step, _eval_scalars(last_eval))
+            with workdir_lib.disk_full_guard(workdir, "the metrics log"):
+              writer.write(step, _eval_scalars(last_eval))
             log.info("step %d: AP %.4f AP50 %.4f", step, last_eval.get("AP", float("nan")),
                      last_eval.get("AP50", float("nan")))
           t_log = time.time()
         if do_ckpt or stop_now:
-          ckpt.save(step, state, data_iterator=data_iter,
-                    metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
+          # A save is asynchronous: a full disk may show here or at the next wait.
+          with workdir_lib.disk_full_guard(workdir, saving(step)):
+            ckpt.save(step, state, data_iterator=data_iter,
+                      metrics=_eval_scalars_plain(last_eval) if do_eval else None, force=True)
           last_saved = step
         if stop_now:
           log.warning("stopping at step %d after a signal; checkpoint saved", step)
           stopped = True
           break
+  except workdir_lib.DiskFullError as e:
+    disk_full = e  # raised below, once the pending saves are done and the cut one removed
   finally:
     # Also on errors (a non-finite loss): finish pending saves, flush the logs.
     bar.close()
     if is_main:
       accounting.log_summary()
-    ckpt.wait()
-    ckpt.close()
+    try:
+      with workdir_lib.disk_full_guard(workdir, saving()):
+        ckpt.wait()
+    except workdir_lib.DiskFullError as e:
+      disk_full = e
     writer.close()
+    if not disk_full:
+      ckpt.close()
+  if disk_full:  # the cut checkpoint goes; the previous ones stay, to resume from
+    logs.quiet_abandoned_futures()  # the failed writes' futures, reported below in one line
+    cut = _unfinished_steps(ckpt.remove_unfinished())
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    what = f"checkpoint {', '.join(map(str, cut))} to {ckpt.directory}" if cut else disk_full.what
+    raise workdir_lib.DiskFullError(
+        workdir, what, disk_full.free_bytes,
+        after=("removed the incomplete step; " if cut else "")
+        + f"kept {ckpt.all_steps() or 'no checkpoint'}"
+    ) from disk_full.__cause__
   return TrainResult(step=int(state.step), state=state, eval=last_eval, stopped=stopped,
                      signal=stop.signal if stopped else None)
 
@@ -468,9 +480,3 @@ class _DataAccounting:
 
 def _eval_scalars_plain(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(metrics[k]) for k in ("AP", "AP50") if k in metrics}
-
-
-def mesh_context(mesh):
-  """``jax.set_mesh(mesh)`` as a context manager (jax >= 0.7), else the mesh itself."""
-  set_mesh = getattr(jax, "set_mesh", None)
-  return set_mesh(mesh) if set_mesh is not None else mesh

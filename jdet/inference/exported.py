@@ -1,8 +1,8 @@
-"""Running an exported detector (``.jdet`` file of :mod:`jdet.export`) without jdet's model code.
+"""Running an exported detector (``.jdet`` file of :mod:`jdet.inference.export`) without jdet's model code.
 
 ::
 
-  from jdet.exported import ExportedDetector
+  from jdet.inference.exported import ExportedDetector
 
   detector = ExportedDetector.load("model.jdet")
   result = detector(image)          # [H, W, 3] uint8 RGB (or greyscale / RGBA), or a file path
@@ -10,13 +10,14 @@
     print(name, score, box)          # box: [x1, y1, x2, y2] in the image's own pixels
   results = detector([a, b, c])     # a list in, a list out
 
-  python -m jdet.exported model.jdet photo.jpg more.png   # prints the detections as JSON
+  python -m jdet.inference.exported model.jdet photo.jpg more.png   # prints the detections as JSON
 
 This module imports only NumPy, JAX, OpenCV (the resize the evaluation
-transform uses), Pillow (to read image files) and the standard library: it
-never imports Flax or ``jdet.models``, so it can be copied next to an
-exported file and used on its own (``jax``, ``flatbuffers``, ``numpy``,
-``opencv-python-headless`` and ``pillow`` installed).
+transform uses), :mod:`jdet.inference.images` (Pillow, to read image files) and
+the standard library: it never imports Flax or ``jdet.models``, so it can be
+copied, with ``images.py`` beside it, next to an exported file and used on its
+own (``jax``, ``flatbuffers``, ``numpy``, ``opencv-python-headless`` and
+``pillow`` installed).
 
 The file is a zip archive:
 
@@ -50,6 +51,23 @@ import cv2
 import jax
 import numpy as np
 
+
+def _sibling_images_module():
+  """``images.py`` beside this file: the copy that a standalone install carries."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images.py")
+  spec = importlib.util.spec_from_file_location("_exported_images", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+try:
+  from jdet.inference.images import ImageReadError, read_image, to_rgb8
+except ImportError:  # copied beside images.py, without jdet
+  _images = _sibling_images_module()
+  ImageReadError, read_image, to_rgb8 = _images.ImageReadError, _images.read_image, _images.to_rgb8
+
 __all__ = ["ExportedDetector", "ExportedFileError", "ImageReadError", "FORMAT", "FORMAT_VERSION",
            "INPUTS", "OUTPUTS", "module_name", "preprocess", "read_image", "to_rgb8"]
 
@@ -79,75 +97,6 @@ def module_name(canvas: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------
 # Images and preprocessing (the evaluation transform, in NumPy/OpenCV).
 # ----------------------------------------------------------------------------
-
-
-class ImageReadError(ValueError):
-  """An input image that cannot be used; the message names the file and the reason."""
-
-  def __init__(self, file: str, reason: str):
-    self.file, self.reason = file, reason
-    super().__init__(f"{file}: {reason}")
-
-
-def to_rgb8(image: Any, *, file: str = "array") -> np.ndarray:
-  """An image array -> ``[H, W, 3]`` uint8 RGB (also :func:`jdet.inference.to_rgb8`).
-
-  ``[H, W]`` / ``[H, W, 1]`` greyscale and ``[H, W, 4]`` RGBA are accepted; other
-  dtypes than uint8 are taken as 0..255, or 0..1 when every value is within it.
-
-  Raises:
-    ImageReadError: not a 2-D image with 1, 3 or 4 channels, empty, or not finite.
-  """
-  a = np.asarray(image)
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    a = np.stack([a] * 3, axis=-1)
-  elif a.ndim == 3 and a.shape[-1] == 4:
-    a = a[..., :3]
-  if a.ndim != 3 or a.shape[-1] != 3:
-    raise ImageReadError(file, f"expected an [H, W, 3], [H, W, 4] or [H, W] image, got shape "
-                               f"{np.shape(image)}")
-  if a.shape[0] < 1 or a.shape[1] < 1:
-    raise ImageReadError(file, f"empty image of shape {np.shape(image)}")
-  if a.dtype != np.uint8:
-    if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-      raise ImageReadError(file, f"pixels of dtype {a.dtype} are not numbers")
-    f = a.astype(np.float64)
-    if not np.all(np.isfinite(f)):
-      raise ImageReadError(file, "the image has NaN or infinite pixels")
-    if np.issubdtype(a.dtype, np.floating) and f.min() >= 0.0 and f.max() <= 1.0:
-      f = f * 255.0
-    a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
-  return np.ascontiguousarray(a)
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-  """An image file -> ``[H, W, 3]`` uint8 RGB, upright (EXIF orientation applied), with
-  Pillow, converting as jdet's data sources do: 16-bit greyscale scaled to 8 bits with
-  rounding, alpha dropped, greyscale and palette images to RGB."""
-  from PIL import Image, ImageOps
-  file = os.fspath(path)
-  try:
-    with Image.open(file) as im:
-      im = ImageOps.exif_transpose(im)
-      mode = im.mode
-      if mode.startswith("I;16") or mode == "I":
-        a = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-        return to_rgb8(((a * 255 + 32767) // 65535).astype(np.uint8), file=file)
-      if mode in ("RGBA", "RGBX"):
-        return to_rgb8(np.asarray(im)[:, :, :3], file=file)
-      if mode in ("L", "1"):
-        return to_rgb8(np.asarray(im.convert("L")), file=file)
-      if mode in ("LA", "La"):
-        return to_rgb8(np.asarray(im.getchannel("L")), file=file)
-      if mode in ("P", "PA") and (mode == "PA" or "transparency" in im.info):
-        return to_rgb8(np.asarray(im.convert("RGBA"))[:, :, :3], file=file)
-      return to_rgb8(np.asarray(im.convert("RGB")), file=file)
-  except FileNotFoundError:
-    raise ImageReadError(file, "no such file") from None
-  except OSError as e:
-    raise ImageReadError(file, f"cannot be read as an image ({e})") from None
 
 
 def _resized_size(size: tuple[int, int], resize: dict) -> tuple[int, int]:
@@ -384,9 +333,9 @@ def _check_meta(file: str, meta: Any) -> None:
 
 
 def _main(argv: Sequence[str]) -> int:
-  """``python -m jdet.exported FILE.jdet IMAGE...``: the detections as JSON lines."""
+  """``python -m jdet.inference.exported FILE.jdet IMAGE...``: the detections as JSON lines."""
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m jdet.exported", description=_main.__doc__)
+  parser = argparse.ArgumentParser(prog="python -m jdet.inference.exported", description=_main.__doc__)
   parser.add_argument("model", help="an exported detector (.jdet)")
   parser.add_argument("images", nargs="+", help="image files")
   parser.add_argument("--score_threshold", type=float, default=None,

@@ -41,25 +41,16 @@ A failed orbax restore leaves tensorstore callbacks to a closed event loop
 behind ("RuntimeError: Event loop is closed", once per pending read); those
 and the asyncio "exception was never retrieved" reports of the abandoned
 reads are suppressed, so that the error jdet raises is the last thing printed.
-
-:class:`StopRequest` turns SIGTERM (preemption, ``kill``) and a first Ctrl-C
-into a flag that the training loop polls: it saves and exits cleanly at the
-end of the step instead of dying mid-write. A second Ctrl-C raises
-``KeyboardInterrupt`` as usual.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import logging
 import math
-import signal
-import sys
-import warnings
-from typing import Any, Iterator, Mapping
+import shutil
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -67,67 +58,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "StopRequest", "CheckpointDamagedError", "CheckpointMismatchError",
+from jdet import parallel
+from jdet.engine import logs
+
+__all__ = ["Checkpointer", "CheckpointDamagedError", "CheckpointMismatchError",
            "state_digests"]
 
-log = logging.getLogger("jdet.checkpoint")
+log = logging.getLogger("jdet.engine.checkpoint")
 
 _policies = ocp.checkpoint_managers
-
-
-class _NoMetricsWarning(logging.Filter):
-  """Drops orbax's warning for a save without metrics: most saves have none, on purpose."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Requested `tracked_metric`")
-
-
-def _quiet_orbax() -> None:
-  absl_logger = logging.getLogger("absl")  # where orbax's absl logging ends up
-  if not any(isinstance(f, _NoMetricsWarning) for f in absl_logger.filters):
-    absl_logger.addFilter(_NoMetricsWarning())
-  if not getattr(sys.unraisablehook, "_jdet_drops_closed_loop", False):
-    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-
-
-def _drop_closed_loop_callbacks(previous):
-  """An unraisable hook that drops the "Event loop is closed" errors of tensorstore
-  callbacks (reads still pending when a failed orbax restore closed its loop)."""
-
-  def hook(unraisable) -> None:
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook._jdet_drops_closed_loop = True
-  return hook
-
-
-class _AbandonedReads(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" reports of a failed orbax restore."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "exception was never retrieved" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _quiet_failure() -> Iterator[None]:
-  """Runs an orbax restore; if it fails, its abandoned reads are collected quietly now,
-  so that their reports neither bury nor follow the error raised about it."""
-  try:
-    yield
-  except Exception:
-    asyncio_logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _AbandonedReads) for f in asyncio_logger.filters):
-      asyncio_logger.addFilter(_AbandonedReads())
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                            category=RuntimeWarning)
-    with warnings.catch_warnings():  # also where the filters above are reset (pytest)
-      warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                              category=RuntimeWarning)
-      gc.collect()
-    raise
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -193,14 +132,6 @@ def _params_first(name: str) -> tuple[bool, str]:
   return not name.startswith("params/"), name
 
 
-def _all_processes_agree(ok: bool) -> bool:
-  """Whether ``ok`` holds on every process (a collective with several processes)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
 def _shape_text(shape: tuple, dtype: str) -> str:
   return f"{list(shape)} {dtype}"
 
@@ -252,7 +183,7 @@ class Checkpointer:
         cleanup_tmp_directories=remove_unfinished,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(path, options=options)
-    _quiet_orbax()
+    logs.quiet_orbax()
 
   def _metric(self, metrics: Mapping[str, Any]) -> float:
     return float(metrics.get(self.best_metric, -math.inf))
@@ -316,7 +247,7 @@ class Checkpointer:
                   "without verifying its bytes", step)
       return None
     try:
-      with _quiet_failure():
+      with logs.quiet_failure():
         got = self._manager.restore(step, args=ocp.args.Composite(
             checksums=ocp.args.JsonRestore()))["checksums"]
     except Exception as e:
@@ -336,7 +267,7 @@ class Checkpointer:
     if not state_dir.exists():
       raise CheckpointDamagedError(step, state_dir, "folder missing")
     try:
-      with _quiet_failure():
+      with logs.quiet_failure():
         metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
       saved = {k: (tuple(v.shape), str(np.dtype(v.dtype)))
                for k, v in _flat(getattr(metadata, "tree", metadata)).items()}
@@ -421,7 +352,7 @@ class Checkpointer:
     self._check_fits(step, state_template, checksums)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     try:
-      with _quiet_failure():
+      with logs.quiet_failure():
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
@@ -473,7 +404,7 @@ class Checkpointer:
         state = self.restore(state_template, step=step, data_iterator=data_iterator)
       except CheckpointDamagedError as e:
         error = e
-      if not _all_processes_agree(error is None):  # a step damaged for one is for all
+      if not parallel.all_processes_agree(error is None):  # a step damaged for one is for all
         error = error or CheckpointDamagedError(step, self._step_dir(step),
                                                 "damaged as read by another process")
       if error is not None:
@@ -526,6 +457,15 @@ class Checkpointer:
     """The metrics recorded with ``step``, or None."""
     return self._manager.metrics(step)
 
+  def remove_unfinished(self) -> list[str]:
+    """Deletes the folders of saves that did not finish (``<step>.orbax-checkpoint-tmp``,
+    e.g. after the disk filled up); returns their paths. Process 0 deletes."""
+    found = sorted(str(p) for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
+    if jax.process_index() == 0:
+      for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
   def wait(self) -> None:
     """Blocks until every started save is committed."""
     self._manager.wait_until_finished()
@@ -540,73 +480,3 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-class StopRequest:
-  """A flag set by SIGTERM or SIGINT, so that training stops at a step boundary.
-
-  Attributes:
-    requested: True once a stop signal arrived.
-    signal: the number of the first such signal (``signal.SIGTERM``...), or None.
-
-  Usage::
-
-    with StopRequest() as stop:
-      for step in ...:
-        state = train_step(state, batch)
-        if stop.requested_on_any_process():
-          ckpt.save(step, state, data_iterator=it, force=True)
-          break
-
-  Handlers can only be installed from the main thread. A second SIGINT
-  (Ctrl-C) while a stop is pending puts the previous handlers back and raises
-  ``KeyboardInterrupt``.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested = False
-    self.signal: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def install(self) -> StopRequest:
-    """Installs the handlers (remembering the previous ones)."""
-    if not self._previous:
-      for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def uninstall(self) -> None:
-    """Puts the previous handlers back."""
-    previous, self._previous = self._previous, {}
-    for sig, handler in previous.items():
-      signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-  def _handle(self, signum: int, frame) -> None:
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      self.uninstall()
-      raise KeyboardInterrupt
-    if not self.requested:
-      self.requested, self.signal = True, signum
-    log.warning("received %s: stopping after this step (Ctrl-C again to abort now)",
-                signal.Signals(signum).name)
-
-  def requested_on_any_process(self) -> bool:
-    """Whether any process got a stop signal: a collective, call it on every process.
-
-    With one process it is just :attr:`requested`; with several, every process
-    must agree to save and stop at the same step.
-    """
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(self.requested))
-    return bool(np.any(flags))
-
-  def __enter__(self) -> StopRequest:
-    return self.install()
-
-  def __exit__(self, *exc) -> None:
-    self.uninstall()

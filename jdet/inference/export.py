@@ -2,20 +2,20 @@
 
 ::
 
-  from jdet.export import export_predictor
-  from jdet.inference import Predictor
+  from jdet.inference.export import export_predictor
+  from jdet.inference.predictor import Predictor
 
   predictor = Predictor.from_workdir("configs/ssd300.py:shapes", "runs/ssd_shapes")
   export_predictor(predictor, "ssd_shapes.jdet")
 
-  python -m jdet.export --config configs/ssd300.py:shapes --workdir runs/ssd_shapes \\
+  python -m jdet.inference.export --config configs/ssd300.py:shapes --workdir runs/ssd_shapes \\
       --out ssd_shapes.jdet [--weights FILE] [--step N] [--batch_size 1] [--platforms cpu,cuda]
 
 The model's ``predict`` is lowered with ``jax.export`` (StableHLO) as a
 function of ``(weights, image, image_size, orig_size, scale_factor, valid)``
 and written, with the weights and the preprocessing that the evaluation
-transform does, into one zip file; :mod:`jdet.exported` reads and runs it
-(:class:`jdet.exported.ExportedDetector`) and documents the format. The boxes
+transform does, into one zip file; :mod:`jdet.inference.exported` reads and runs it
+(:class:`jdet.inference.exported.ExportedDetector`) and documents the format. The boxes
 come back from the function already in the original image's pixels (the
 model's own ``finalize_detections``), so the loader only filters and sorts.
 
@@ -40,7 +40,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jdet import exported as exported_lib
+from jdet.inference import exported as exported_lib
 from jdet.data import transforms as T
 
 __all__ = ["export_predictor", "preprocess_spec", "DEFAULT_PLATFORMS"]
@@ -50,7 +50,7 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 def preprocess_spec(transform) -> dict:
   """The evaluation transform (a :class:`jdet.data.transforms.Compose`) as ``meta.json``'s
-  ``preprocess``: what :func:`jdet.exported.preprocess` does with it.
+  ``preprocess``: what :func:`jdet.inference.exported.preprocess` does with it.
 
   Raises:
     ValueError: a step that is not a resize, a normalisation, a padding or box
@@ -114,7 +114,7 @@ def export_predictor(predictor, path: str | os.PathLike, *, batch_size: int = 1,
                      platforms: Sequence[str] | None = DEFAULT_PLATFORMS) -> dict:
   """Writes ``predictor`` (its model's ``predict``, weights, preprocessing, class names
   and score threshold) to the file ``path``, read back by
-  :meth:`jdet.exported.ExportedDetector.load`.
+  :meth:`jdet.inference.exported.ExportedDetector.load`.
 
   Args:
     predictor: a :class:`jdet.inference.Predictor` with the model's own ``predict``.
@@ -192,8 +192,9 @@ def export_predictor(predictor, path: str | os.PathLike, *, batch_size: int = 1,
 def _main() -> None:
   from absl import app, flags
 
-  from jdet.inference import define_predictor_flags
-  predictor_from_flags = define_predictor_flags()
+  from jdet import cli
+  config = cli.define_flags("run directory of train.py (its checkpoints)", step=True,
+                            weights=True, distributed=False)
   out = flags.DEFINE_string("out", None, "the file to write (e.g. model.jdet)")
   batch = flags.DEFINE_integer("batch_size", 1, "images per call of the exported function")
   score = flags.DEFINE_float("score_threshold", 0.3,
@@ -203,11 +204,10 @@ def _main() -> None:
   flags.mark_flags_as_required(["out"])
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     from jdet import parallel
-    predictor = predictor_from_flags(mesh=parallel.make_mesh(jax.devices()[:1]),
-                                     score_threshold=score.value)
+    predictor = cli.predictor_from_flags(config.value, mesh=parallel.make_mesh(jax.devices()[:1]),
+                                         score_threshold=score.value)
     meta = export_predictor(predictor, out.value, batch_size=batch.value,
                             platforms=plats.value)
     size = os.path.getsize(out.value)

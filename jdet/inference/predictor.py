@@ -2,7 +2,7 @@
 
 ::
 
-  from jdet.inference import Predictor
+  from jdet.inference.predictor import Predictor
 
   predictor = Predictor.from_workdir("configs/ssd300.py:shapes", "runs/ssd_shapes")
   result = predictor("photo.jpg")               # or an [H, W, 3] / [H, W] array
@@ -52,8 +52,7 @@ from jdet import parallel
 from jdet.class_names import read_class_names
 from jdet.data import builder, pipeline
 from jdet.data.records import Example, SkipLog, empty_annotations
-# The one home of the image checks, shared with the standalone loader of exported files.
-from jdet.exported import ImageReadError, to_rgb8
+from jdet.inference.images import ImageReadError, to_rgb8
 
 __all__ = ["Predictor", "ImageDetections", "ImageReadError", "load_config", "to_rgb8"]
 
@@ -85,6 +84,17 @@ class ImageDetections:
 
   def __len__(self) -> int:
     return len(self.scores)
+
+  def describe(self) -> str:
+    """A few lines for people: the file (or "array"), its size, and one line per detection
+    (class name, score, box)."""
+    h, w = self.image_size
+    n = len(self)
+    lines = [f"{self.file or 'array'} ({w}x{h}): {n} detection{'s' * (n != 1)}"]
+    for name, score, box in zip(self.names, self.scores.tolist(), self.boxes.tolist()):
+      lines.append(f"  {name:<16} {score:.3f}  [{box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, "
+                   f"{box[3]:.1f}]")
+    return "\n".join(lines)
 
   def to_coco(self, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict]:
     """COCO results entries (``bbox`` as ``[x, y, w, h]``); category id ``label + 1``
@@ -166,7 +176,7 @@ class Predictor:
     self.score_threshold = float(score_threshold)
     self.transform = builder.build_transforms(data_config, train=False)
     # The detections are the model's own ``predict`` (no TTA, no custom
-    # ``predict_fn``): what jdet.export can lower.
+    # ``predict_fn``): what jdet.inference.export can lower.
     self.runs_model_predict = predict_fn is None
     if predict_fn is None:  # shared by equal models (Linen modules compare by their fields)
       predict_fn = functools.partial(_model_predict, model)
@@ -192,7 +202,7 @@ class Predictor:
       class_names: overrides the names found (see the module doc).
       **kwargs: :class:`Predictor`'s keyword arguments.
     """
-    from jdet import training
+    from jdet.engine.restore import restore_for_eval
     from jdet.models import build_model
     config = load_config(config)
     workdir = os.fspath(workdir)
@@ -200,7 +210,7 @@ class Predictor:
     model = build_model(config.model_name, **config.model)
     data_config, predict_fn = _tta(model, config, tta)
     sample = _sample_batch(config.data)  # the model's own input size (not TTA's)
-    variables, _ = training.restore_for_eval(model, config, workdir, sample, mesh=mesh, step=step)
+    variables, _ = restore_for_eval(model, config, workdir, sample, mesh=mesh, step=step)
     names = class_names or read_class_names(workdir) or _config_class_names(config)
     return cls(model, variables, data_config, names, mesh=mesh, predict_fn=predict_fn, **kwargs)
 
@@ -232,8 +242,12 @@ class Predictor:
   # Using it.
   # --------------------------------------------------------------------------
 
-  def read(self, image: ImageInput) -> np.ndarray:
+  def read(self, image: ImageInput, *, fixes: list[tuple[str, str]] | None = None) -> np.ndarray:
     """One input -> ``[H, W, 3]`` uint8 RGB, upright.
+
+    A file read with a repair (a truncated JPEG, EXIF orientation, a 16-bit or
+    palette image) is logged and, if ``fixes`` is given, ``(file, reason)`` is
+    appended to it.
 
     Raises:
       ImageReadError: a missing, unreadable or non-image file, or a bad array.
@@ -246,7 +260,7 @@ class Predictor:
       if not os.path.exists(file):
         raise ImageReadError(file, "no such file")
       skips: list[str] = []
-      log_ = _CollectingLog(self._skip_log, skips)
+      log_ = _CollectingLog(self._skip_log, skips, file=file, fixes=fixes)
       array = decode_image(file, file=file, record=Path(file).name, skip_log=log_)
       if array is None:
         raise ImageReadError(file, skips[-1] if skips else "cannot be decoded")
@@ -298,8 +312,7 @@ class Predictor:
 
   def predict_batch(self, batch: dict[str, np.ndarray]):
     """The model's :class:`jdet.Detections` (host arrays) of one prepared batch."""
-    from jdet.training import mesh_context
-    with mesh_context(self.mesh):
+    with parallel.mesh_context(self.mesh):
       out = self._predict(self.variables, parallel.shard_batch(batch, self.mesh))
     return parallel.gather_to_host(out)
 
@@ -316,35 +329,6 @@ class Predictor:
                            image_size=(int(size[0]), int(size[1])), file=file)
 
 
-def define_predictor_flags() -> Callable[..., Predictor]:
-  """Defines the absl flags that name a trained detector, for programs such as
-  ``predict.py`` and ``python -m jdet.export``: ``--config`` (a config file
-  and variant), ``--workdir`` (a ``train.py`` run; ``--step``, default the
-  latest) or ``--weights`` (a weights file). Returns ``build(**kwargs)``, which
-  makes the :class:`Predictor` they name (``kwargs`` go to its constructor).
-  """
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  builder.put_configs_on_path()
-  config = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
-                                           lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "run directory of train.py (its checkpoints)")
-  weights = flags.DEFINE_string("weights", None, "weights file instead of --workdir's checkpoints")
-  step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-
-  def build(**kwargs) -> Predictor:
-    if config.value is None:
-      raise app.UsageError("--config is required")
-    if bool(workdir.value) == bool(weights.value):
-      raise app.UsageError("give --workdir (a train.py run) or --weights (a weights file)")
-    if workdir.value:
-      return Predictor.from_workdir(config.value, workdir.value, step=step.value, **kwargs)
-    return Predictor.from_weights(config.value, weights.value, **kwargs)
-
-  return build
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _model_predict(model, variables, batch):
   """The model's ``predict`` (one compiled program per model and input shape)."""
@@ -352,16 +336,21 @@ def _model_predict(model, variables, batch):
 
 
 class _CollectingLog:
-  """A :class:`SkipLog` front that also remembers the reasons of skips."""
+  """A :class:`SkipLog` front that also remembers the reasons of skips, and the fixes of
+  ``file`` in ``fixes`` (when given)."""
 
-  def __init__(self, log_: SkipLog, reasons: list[str]):
-    self._log, self._reasons = log_, reasons
+  def __init__(self, log_: SkipLog, reasons: list[str], *, file: str = "",
+               fixes: list[tuple[str, str]] | None = None):
+    self._log, self._reasons, self._file, self._fixes = log_, reasons, file, fixes
 
   def skip(self, reason: str, *, detail: str = "", **kwargs) -> None:
     self._reasons.append(f"{reason} ({detail})" if detail else reason)
     self._log.skip(reason, detail=detail, **kwargs)
 
   def fix(self, reason: str, **kwargs) -> None:
+    if self._fixes is not None:
+      detail = kwargs.get("detail")
+      self._fixes.append((self._file, f"{reason} ({detail})" if detail else reason))
     self._log.fix(reason, **kwargs)
 
 
@@ -369,16 +358,16 @@ def _tta(model, config, tta: bool):
   """``(data config, predict_fn or None)``: the TTA ones if asked."""
   if not tta:
     return config.data, None
-  from jdet.evaluation import tta as tta_lib
-  settings = tta_lib.TTASettings.from_config(config.get("tta")).resolve(model)
-  return tta_lib.tta_data_config(config.data, settings), tta_lib.make_tta_predict_fn(model, settings)
+  from jdet.evaluation.tta import tta_setup
+  data_config, predict_fn, _ = tta_setup(model, config)
+  return data_config, predict_fn
 
 
 def _sample_batch(data_config) -> dict[str, np.ndarray]:
   """One prepared batch of a mid-grey 64x48 image (for the variables' shapes)."""
   source = _Images([np.full((48, 64, 3), 128, np.uint8)], ("x",))
   transform = builder.build_transforms(data_config, train=False)
-  return next(iter(pipeline.eval_batches(source, transform, batch_size=1)))
+  return pipeline.first_sample(source, transform)
 
 
 def _config_class_names(config) -> tuple[str, ...]:

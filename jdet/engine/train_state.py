@@ -79,7 +79,7 @@ class TrainState:
     Args:
       params: the ``params`` collection of ``model.init``.
       batch_stats: its ``batch_stats`` collection, or ``None`` / ``{}``.
-      tx: the optimiser, e.g. from :func:`jdet.optim.build_optimizer`.
+      tx: the optimiser, e.g. from :func:`jdet.engine.optim.build_optimizer`.
       rng: a typed key (``jax.random.key(seed)``) or raw key data.
     """
     return cls(step=jnp.zeros((), jnp.int32), params=params,
