@@ -182,6 +182,8 @@ def test_predict_program_skips_bad_files(tmp_path):
     (folder / name).write_bytes((photos / name).read_bytes())
   Image.open(photos / "raccoon-3.jpg").convert("L").save(folder / "grey.png")
   (folder / "broken.jpg").write_bytes((photos / "raccoon-4.jpg").read_bytes()[:2000])
+  # A copy cut short by a few bytes: decoded with its missing end filled, and reported.
+  (folder / "cut.jpg").write_bytes((photos / "raccoon-5.jpg").read_bytes()[:-20])
   (folder / "notes.txt").write_text("not an image")
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
@@ -193,7 +195,12 @@ def test_predict_program_skips_bad_files(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   info = json.loads((out / "images.json").read_text())
   processed = sorted(Path(i["file_name"]).name for i in info["images"])
-  assert processed == sorted(good + ["grey.png"])
+  assert processed == sorted(good + ["grey.png", "cut.jpg"])
+  fixed = {Path(f["file"]).name: f["reason"] for f in info["fixed"]}
+  assert set(fixed) == {"grey.png", "cut.jpg"}
+  assert "truncated JPEG" in fixed["cut.jpg"]
+  assert "cut.jpg" in (out / "summary.txt").read_text().split("Read with a repair:")[1]
+  assert "2 fixed" in proc.stdout
   skipped = {Path(s["file"]).name: s["reason"] for s in info["skipped"]}
   assert set(skipped) == {"broken.jpg", "notes.txt", "missing.jpg"}
   assert "no such file" in skipped["missing.jpg"]

@@ -68,6 +68,7 @@ import numpy as np
 
 # tfds's coco label k is the k-th of the 80 categories in id order.
 from jdet.class_names import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+from jdet.errors import exception_chain
 from jdet.data.images import decode_image, orient_boxes, probe_image
 from jdet.data.records import Example, SkipLog, clean_boxes
 
@@ -88,15 +89,8 @@ def _tfds():
 
 def _is_missing_tensorflow(error: BaseException) -> bool:
   """Whether ``error`` (or an exception it was raised from) is a failed TensorFlow import."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, ImportError) and (getattr(error, "name", None) or "").startswith("tensorflow"):
-      return True
-    if "No module named 'tensorflow'" in str(error):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any((isinstance(e, ImportError) and (getattr(e, "name", None) or "").startswith("tensorflow"))
+             or "No module named 'tensorflow'" in str(e) for e in exception_chain(error))
 
 
 def open_builder(name: str, data_dir: str | None = None):

@@ -40,6 +40,8 @@ import socket
 import sys
 from typing import Any, Iterator, Mapping
 
+from jdet.errors import exception_chain
+
 __all__ = ["RunLock", "WorkdirBusyError", "ConfigChangedError", "DiskFullError",
            "DISK_FULL_STATUS", "FIXED_FIELDS", "LOCK_FILE", "CONFIG_FILE", "STARTS_FILE",
            "check_resume", "record_start", "config_changes", "disk_full_guard", "is_disk_full"]
@@ -265,15 +267,8 @@ def record_start(workdir: str, config: Any, *, changes: Mapping | None = None,
 def is_disk_full(error: BaseException | None) -> bool:
   """Whether ``error`` or one of its causes is an ``OSError`` of errno ``ENOSPC``
   (orbax and tensorstore wrap it; their message may only say "No space left")."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-      return True
-    if "No space left on device" in str(error):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+             or "No space left on device" in str(e) for e in exception_chain(error))
 
 
 def free_bytes(path: str) -> int | None:

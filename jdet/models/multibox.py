@@ -32,7 +32,8 @@ from jdet.detections import Detections
 from jdet.models.detector import encode_positives, finalize_detections
 from jdet.ops.nms import multiclass_nms
 
-__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "MultiBoxFields", "SSD_BOX_STDS"]
+__all__ = ["ssd_targets", "ssd_loss", "multibox_detections", "multibox_predict", "MultiBoxFields",
+           "SSD_BOX_STDS"]
 
 # SSD's "variances" (RefineDet's too): centre offsets are divided by 0.1, log sizes by 0.2.
 SSD_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
@@ -131,6 +132,17 @@ def ssd_loss(logits, deltas, target_classes, target_deltas, positive, *,
                               weights=positive[..., None], normalizer=normalizer)
   return cls_loss + box_loss, dict(cls_loss=cls_loss, box_loss=box_loss,
                                    num_pos=num_pos.astype(jnp.float32))
+
+
+def multibox_predict(detector, batch) -> Detections:
+  """A multibox detector's ``predict``: :func:`multibox_detections` of
+  ``detector.candidates(batch)`` with the detector's own :class:`MultiBoxFields`
+  (score threshold, pre-NMS top-k, NMS threshold, detections per image)."""
+  boxes, scores = detector.candidates(batch)
+  return multibox_detections(boxes, scores, batch, score_threshold=detector.score_threshold,
+                             pre_nms_top_k=detector.pre_nms_top_k,
+                             nms_threshold=detector.nms_threshold,
+                             max_detections=detector.max_detections)
 
 
 def multibox_detections(boxes, scores, batch, *, score_threshold: float, pre_nms_top_k: int,

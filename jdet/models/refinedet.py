@@ -58,7 +58,7 @@ from jdet.models.backbones.vgg import REFINEDET_EXTRAS, VGG16, VGGFields
 from jdet.models.detector import build_from_fields, image_valid, real_image_sizes
 from jdet.models.heads.refinedet_head import TransferConnectionBlock
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
+from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_predict, ssd_loss,
                                   ssd_targets)
 from jdet.ops.anchors import ssd_default_boxes
 
@@ -375,10 +375,7 @@ class RefineDet(VGGFields, MultiBoxFields, kw_only=True):
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels: per-class NMS of the :meth:`candidates`."""
-    boxes, scores = self.candidates(batch)
-    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                               pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
-                               max_detections=self.max_detections)
+    return multibox_predict(self, batch)
 
   def at_input_size(self, size: int) -> "RefineDet":
     """The same detector (same variables) for ``size x size`` input, for

@@ -37,8 +37,8 @@ from jdet.detections import Detections
 from jdet.models.backbones.vgg import VGG16, VGGFields
 from jdet.models.detector import build_from_fields, image_valid, real_image_sizes
 from jdet.models.heads.ssd_head import SSDHead
-from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_detections, ssd_loss,
-                                  ssd_targets)
+from jdet.models.multibox import (SSD_BOX_STDS, MultiBoxFields, multibox_detections,
+                                  multibox_predict, ssd_loss, ssd_targets)
 from jdet.ops.anchors import num_default_boxes_per_location, ssd_default_boxes, ssd_sizes
 
 __all__ = ["SSD", "SSDOutputs", "ssd_targets", "ssd_loss", "multibox_detections", "SSD_BOX_STDS",
@@ -175,10 +175,7 @@ class SSD(VGGFields, MultiBoxFields, kw_only=True):
 
   def predict(self, batch) -> Detections:
     """Detections in original-image pixels: per-class NMS of the :meth:`candidates`."""
-    boxes, scores = self.candidates(batch)
-    return multibox_detections(boxes, scores, batch, score_threshold=self.score_threshold,
-                               pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
-                               max_detections=self.max_detections)
+    return multibox_predict(self, batch)
 
   def at_input_size(self, size: int) -> "SSD":
     """The same detector (same variables) for ``size x size`` input, for
