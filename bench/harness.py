@@ -16,13 +16,15 @@ peer's, with the same protocol (:mod:`bench.run_all` plans how many calls):
 MFU = FLOPs of the compiled jdet step / step time / the device's peak. The peer
 gets the same model FLOPs (it does the same arithmetic, give or take its own
 implementation's extras), so its MFU is comparable. Peaks (:data:`PEAK_TFLOPS`)
-are dense bfloat16 tensor-core figures per device name; a CPU gets a nominal
-float32 peak from its core count, clock and FMA width (:func:`cpu_peak_flops`).
+are dense bfloat16 tensor-core figures per device name; a CPU gets a float32
+peak from its core count, clock and vector width, or what a float32 matmul
+reaches where that is more (:func:`cpu_peak_flops`); MFU is at most 1 (:func:`mfu`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -63,18 +65,21 @@ PEAK_TFLOPS = (
 # ----------------------------------------------------------------------------
 
 
-def _jax_sync(x):
+def jax_sync(x) -> None:
+  """Waits until JAX has computed ``x`` (its calls return before the work is done)."""
   jax.block_until_ready(x)
 
 
-def _torch_sync(_):
+def torch_sync(_) -> None:
+  """Waits until CUDA has run the work queued so far (nothing to wait for on a CPU)."""
   import torch
   if torch.cuda.is_available():
     torch.cuda.synchronize()
 
 
-def _median_time(fn: Callable[[], object], *, repeats: int, sync: Callable[[object], None]) -> float:
-  """Median wall time in seconds of ``fn()`` over ``repeats`` runs, after a warm-up."""
+def median_time(fn: Callable[[], object], *, repeats: int, sync: Callable[[object], None]) -> float:
+  """Median wall time in seconds of ``fn()`` over ``repeats`` runs, after one warm-up call;
+  ``sync(fn())`` waits for each call's work (:func:`jax_sync`, :func:`torch_sync`)."""
   sync(fn())
   times = []
   for _ in range(repeats):
@@ -206,7 +211,7 @@ class TorchStep(Step):
 
   def run(self) -> float:
     t0 = time.perf_counter()
-    _torch_sync(self.fn())
+    torch_sync(self.fn())
     return time.perf_counter() - t0
 
   def peak_memory(self) -> int | None:
@@ -269,6 +274,15 @@ def time_step(step: Step, iters: int, timing: Timing | None = None) -> Timing:
   return timing
 
 
+def time_warm(step: Step, *, warmup: int, iters: int) -> Timing:
+  """A single program's protocol: ``prepare``, ``warmup`` (>= 1) untimed calls (the first
+  recorded as ``first_s``), then ``iters`` timed calls of ``step``."""
+  timing = time_step(step, 0)
+  for _ in range(warmup - 1):
+    step.run()
+  return time_step(step, iters, timing)
+
+
 # ----------------------------------------------------------------------------
 # Random weights without compiling an initialiser.
 # ----------------------------------------------------------------------------
@@ -318,16 +332,21 @@ def device_name(torch_device=None) -> str:
   return re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-")
 
 
-def _cpu_flags() -> set[str]:
-  try:
-    text = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return set()
-  line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+  """The CPU's feature flags: the ``flags`` line of ``cpuinfo`` (the text of
+  ``/proc/cpuinfo``; default: this machine's), or an empty set where there is none."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return set()
+  line = next((l for l in cpuinfo.splitlines() if l.startswith("flags")), "")
   return set(line.split(":", 1)[-1].split())
 
 
 def _cpu_mhz() -> float | None:
+  """The highest clock the kernel reports for CPU 0 (cpufreq's maximum), else its
+  ``/proc/cpuinfo`` clock, in MHz; None where neither is readable."""
   for path in ("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",):
     try:
       return float(Path(path).read_text()) / 1e3
@@ -342,35 +361,90 @@ def _cpu_mhz() -> float | None:
   return None
 
 
-def cpu_peak_flops(cores: int | None = None) -> tuple[float | None, str]:
-  """A nominal float32 peak of ``cores`` CPU cores (default: this process's): cores x clock x
-  FLOPs per cycle (32 with AVX2 and FMA: two 256-bit FMA pipes, as on Zen 2-4 and most
-  Intel cores; 16 without). Nominal: turbo, AVX-512 on two 512-bit pipes and other jobs
-  are ignored."""
+# Float32 arithmetic units a core is assumed to have: two FMA units on AVX-512 and AVX2
+# server parts (Intel Skylake-SP and later Xeons, AMD Zen); on a CPU without FMA, one
+# add and one multiply unit. Some parts have fewer (one 512-bit FMA unit on low-end
+# Xeons): the peak is then too high and MFU too low, never above 100 %.
+FMA_UNITS = 2
+
+
+def flops_per_cycle(flags: set[str]) -> tuple[int, str]:
+  """Float32 FLOPs one core can do a cycle, from its feature flags (:func:`cpu_flags`):
+  vector lanes (16 with ``avx512f``, 8 with ``avx``/``avx2``/``fma``, else SSE's 4)
+  x 2 with FMA (a multiply and an add per lane) x :data:`FMA_UNITS`. AVX-512: 16 x 2 x 2
+  = 64; AVX2 with FMA: 8 x 2 x 2 = 32; AVX without FMA: 8 x 1 x 2 = 16; SSE: 4 x 1 x 2
+  = 8. Returns ``(FLOPs, how)``."""
+  if "avx512f" in flags:
+    lanes, isa = 16, "AVX-512"
+  elif flags & {"avx", "avx2", "fma"}:
+    lanes, isa = 8, "AVX2" if "avx2" in flags else "AVX"
+  else:
+    lanes, isa = 4, "SSE"
+  fma = 2 if flags & {"fma", "avx512f"} else 1
+  how = f"{isa}: {lanes} lanes x {fma} ({'FMA' if fma == 2 else 'no FMA'}) x {FMA_UNITS} units"
+  return lanes * fma * FMA_UNITS, how
+
+
+def matmul_flops(n: int = 2048, repeats: int = 3) -> float:
+  """Float32 FLOP/s of an ``n x n`` matmul on JAX's first device (jitted, the best of
+  ``repeats`` calls after one untimed call): what this process's XLA, with its thread
+  settings, actually reaches, a lower bound on the peak."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  f = jax.jit(lambda x, y: x @ y)
+  jax_sync(f(a, a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax_sync(f(a, a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def cpu_peak_flops(cores: int | None = None, *, flags: set[str] | None = None,
+                   mhz: float | None = None,
+                   measured: float | None = None) -> tuple[float | None, str]:
+  """``(peak float32 FLOP/s, where it comes from)`` of ``cores`` CPU cores (default: this
+  process's): the larger of the nominal ``cores x clock x`` :func:`flops_per_cycle` (flags
+  and clock default to this machine's) and ``measured`` (e.g. :func:`matmul_flops`), so that
+  a step's FLOP/s over the peak stays a fraction where the nominal figure is too low
+  (turbo above the reported clock, more threads than ``cores``)."""
   if not cores:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  mhz = _cpu_mhz()
-  if not cores or not mhz:
-    return None, "unknown CPU clock"
-  flags = _cpu_flags()
-  per_cycle = 32 if {"avx2", "fma"} <= flags else 16
-  return cores * mhz * 1e6 * per_cycle, (f"nominal float32: {cores} cores x {mhz:.0f} MHz x "
-                                          f"{per_cycle} FLOP/cycle")
+  mhz = mhz or _cpu_mhz()
+  nominal, source = None, "unknown CPU clock"
+  if cores and mhz:
+    per_cycle, how = flops_per_cycle(cpu_flags() if flags is None else flags)
+    nominal = cores * mhz * 1e6 * per_cycle
+    source = (f"nominal float32: {cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle "
+              f"({how})")
+  if measured is None:
+    return nominal, source
+  if nominal is None or measured > nominal:
+    return measured, f"measured float32 matmul, {measured / 1e9:.1f} GFLOP/s (above the {source})"
+  return nominal, f"{source}; a float32 matmul measured {measured / 1e9:.1f} GFLOP/s"
 
 
-def peak_flops(override_tflops: float | None = None, *,
-               cpu_cores: int | None = None) -> tuple[float | None, str]:
+def peak_flops(override_tflops: float | None = None, *, cpu_cores: int | None = None,
+               measure: bool = True) -> tuple[float | None, str]:
   """``(peak FLOP/s, where it comes from)`` for JAX's first device (on a CPU, of
-  ``cpu_cores`` cores: the threads each side runs with)."""
+  ``cpu_cores`` cores, the threads each side runs with, and at least what a float32
+  matmul reaches in this process when ``measure``: :func:`cpu_peak_flops`)."""
   if override_tflops:
     return override_tflops * 1e12, "given (--peak_tflops)"
   d = jax.devices()[0]
   if d.platform == "cpu":
-    return cpu_peak_flops(cpu_cores)
+    return cpu_peak_flops(cpu_cores, measured=matmul_flops() if measure else None)
   tflops = table_peak_tflops(d.device_kind)
   if tflops is None:
     return None, f"no peak known for {d.device_kind!r} (give --peak_tflops)"
   return tflops * 1e12, f"dense bfloat16 of {d.device_kind} (bench/harness.py PEAK_TFLOPS)"
+
+
+def mfu(flops: float, seconds: float, peak: float) -> float:
+  """Model FLOPs utilisation: ``flops / seconds / peak``, at most 1. A figure above 1 would
+  mean the peak is too low for what the machine did (its clock above the nominal one);
+  the uncapped rate is ``flops / seconds``."""
+  return min(flops / seconds / peak, 1.0)
 
 
 def table_peak_tflops(device_kind: str) -> float | None:
@@ -457,6 +531,34 @@ def report(args: argparse.Namespace, program: str, *, machine: dict, settings: d
   write_results(args.out, stem, machine=machine, settings=settings, rows=rows, table=table)
 
 
+def run_side_by_side(args: argparse.Namespace, program: str, runs, make: Callable[[str, int], Step],
+                     make_peer: Callable[[str, int], Step], *, peer: str, label: str,
+                     machine: dict, settings: dict) -> list[dict]:
+  """A single program's measurement. For each ``(case, batch)`` of ``runs``, jdet's step
+  ``make(case, batch)`` and then the peer's ``make_peer(case, batch)`` are timed with
+  :func:`time_warm` (``args.warmup``, ``args.iters``) and a line is printed. The rows
+  (``jdet_ms``, ``<peer>_ms``, ``jdet_img_s``, ``<peer>_img_s``, ``ratio`` = the peer's time
+  / jdet's, above 1 when jdet is faster, ``jdet_compile_s``, ``jdet_gflops``) are
+  :func:`report`ed as ``<program>_<device>`` under the headers ``<label> ms`` and so on,
+  and returned."""
+  rows = []
+  for case, b in runs:
+    ours, ref = (time_warm(m(case, b), warmup=args.warmup, iters=args.iters)
+                 for m in (make, make_peer))
+    row = {"case": case, "batch": b, "jdet_ms": ours.median_s * 1e3,
+           f"{peer}_ms": ref.median_s * 1e3, "jdet_img_s": b / ours.median_s,
+           f"{peer}_img_s": b / ref.median_s, "ratio": ref.median_s / ours.median_s,
+           "jdet_compile_s": ours.compile_s, "jdet_gflops": (ours.flops or 0) / 1e9}
+    rows.append(row)
+    print(f"{case} batch {b}: jdet {row['jdet_ms']:.0f} ms (compiled in {ours.compile_s:.1f} s), "
+          f"{label} {row[f'{peer}_ms']:.0f} ms", flush=True)
+  report(args, program, machine=machine, settings=settings, rows=rows, columns=[
+      ("case", "case", ""), ("batch", "batch", ""), ("jdet ms", "jdet_ms", ".0f"),
+      (f"{label} ms", f"{peer}_ms", ".0f"), ("jdet img/s", "jdet_img_s", ".2f"),
+      (f"{label} img/s", f"{peer}_img_s", ".2f"), (f"jdet/{label} speed", "ratio", ".2f")])
+  return rows
+
+
 def write_results(folder, stem: str, *, machine: dict, settings: dict, rows: list[dict],
                   table: str) -> None:
   """``<folder>/<stem>.json`` (machine, settings, rows) and ``.txt`` (the printed table)."""
@@ -511,11 +613,11 @@ class Case:
 
 def jdet_train_step(model, variables: dict, batch: dict, optim_config, *,
                     total_steps: int = 100_000, seed: int = 0) -> JaxStep:
-  """The training step ``train.py`` runs (:func:`jdet.training.make_train_step`: loss,
+  """The training step ``train.py`` runs (:func:`jdet.engine.training.make_train_step`: loss,
   gradients, the config's optimiser with the model's frozen parameters, the
   non-finite guard), on ``variables`` (``params`` and optional ``batch_stats``)."""
-  from jdet import optim, training
-  from jdet.train_state import TrainState
+  from jdet.engine import optim, training
+  from jdet.engine.train_state import TrainState
 
   tx, schedule = optim.build_optimizer(optim_config, total_steps=total_steps,
                                        frozen=model.frozen_parameters())
@@ -527,3 +629,115 @@ def jdet_train_step(model, variables: dict, batch: dict, optim_config, *,
 def jdet_predict_step(model, variables: dict, batch: dict) -> JaxStep:
   """``model.apply(variables, batch, method="predict")``, post-processing included."""
   return JaxStep(lambda v, b: model.apply(v, b, method="predict"), variables, batch)
+
+
+def jdet_step(case: str, model, variables: dict, batch: dict, optim_config) -> JaxStep:
+  """jdet's step for a case: :func:`jdet_train_step` with ``optim_config`` for ``"train"``,
+  :func:`jdet_predict_step` for ``"inference"``."""
+  if case == "train":
+    return jdet_train_step(model, variables, batch, optim_config)
+  return jdet_predict_step(model, variables, batch)
+
+
+def side_by_side_steps(models: Callable[[], tuple], inputs_of: Callable[[int], dict],
+                       jdet_batch: Callable[[dict], dict], optim_config,
+                       peer_step: Callable[[str, Any, dict], Step]):
+  """``(jdet(case, b), peer(case, b))``: each makes its side's :class:`Step` for ``case``
+  (``"train"`` or ``"inference"``) at batch ``b``, both on ``inputs_of(b)``. ``models()``
+  gives ``(peer model, jdet model, jdet variables)`` (built once, by the caller's cache);
+  jdet's side is :func:`jdet_step` with ``optim_config`` on ``jdet_batch(inputs)``, the
+  peer's ``peer_step(case, peer model, inputs)``."""
+
+  def jdet(case, b):
+    _, model, variables = models()
+    return jdet_step(case, model, variables, jdet_batch(inputs_of(b)), optim_config)
+
+  def peer(case, b):
+    return peer_step(case, models()[0], inputs_of(b))
+
+  return jdet, peer
+
+
+def model_cases(group: str, make: Callable[[str, int], Step],
+                make_peer: Callable[[str, int], Step], *, train_batch: int | None,
+                infer_batches, key: tuple | None = None, peer_key: tuple | None = None,
+                **fields) -> list[Case]:
+  """A model's :class:`Case` list: ``"train"`` at ``train_batch`` (none when it is None),
+  then ``"inference"`` at each of ``infer_batches``; ``make(case, batch)`` and
+  ``make_peer(case, batch)`` build jdet's and the peer's steps. ``key`` / ``peer_key``
+  (e.g. ``("jdet", "ssd300")``) become the cases' ``key`` / ``peer_key`` with the case and
+  batch appended; ``fields`` are :class:`Case`'s others (``input_size``, ``peer``,
+  ``settings``)."""
+  runs = ([("train", train_batch)] if train_batch else []) + [("inference", b)
+                                                              for b in infer_batches]
+  return [Case(group, case, functools.partial(make, case, b), functools.partial(make_peer, case, b),
+               batch=b, key=key and (*key, case, b), peer_key=peer_key and (*peer_key, case, b),
+               **fields)
+          for case, b in runs]
+
+
+# ----------------------------------------------------------------------------
+# The peers' steps: torch detectors.
+# ----------------------------------------------------------------------------
+
+
+def autocast(device, dtype: str):
+  """``torch.autocast`` to bfloat16 on ``device`` (a ``torch.device``) when ``dtype`` is
+  ``"bfloat16"``, else a context that changes nothing."""
+  import torch
+  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def torchvision_batch(inputs: dict[str, np.ndarray], device):
+  """``(images, targets)`` as torchvision's detectors take them from ``inputs``: ``images
+  [B, H, W, 3]`` float32 in ``[0, 1]`` become B tensors ``[3, H, W]``; ``boxes [B, M, 4]``
+  ``[x1, y1, x2, y2]`` and ``labels [B, M]`` (``0 .. C-1``) become B targets with labels
+  ``1 .. C`` (torchvision's 0 is the background)."""
+  import torch
+  images = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(device) for x in inputs["images"]]
+  targets = [{"boxes": torch.from_numpy(b).to(device),
+              "labels": torch.from_numpy(l + 1).long().to(device)}
+             for b, l in zip(inputs["boxes"], inputs["labels"])]
+  return images, targets
+
+
+# The SGD torchvision's detectors train with beside jdet: a tiny learning rate, so that
+# random weights stay finite over the timed steps.
+SGD_LR, SGD_MOMENTUM = 1e-5, 0.9
+
+
+def torchvision_step(case: str, tv, inputs: dict[str, np.ndarray], *, device, dtype: str,
+                     weight_decay: float, after_train_mode: Callable | None = None) -> TorchStep:
+  """A torchvision detector's step on :func:`torchvision_batch` of ``inputs``, under
+  :func:`autocast`. ``"train"``: ``tv`` in train mode, its summed losses, backward and
+  ``torch.optim.SGD`` (:data:`SGD_LR`, :data:`SGD_MOMENTUM`, ``weight_decay``) over the
+  parameters that require gradients; ``after_train_mode(tv)`` runs after ``tv.train()``
+  (e.g. to keep frozen BatchNorm in eval). ``"inference"``: eval mode under
+  ``torch.inference_mode()``, post-processing (NMS) included."""
+  import torch
+  images, targets = torchvision_batch(inputs, device)
+  if case != "train":
+    tv.eval()
+
+    def infer():
+      with torch.inference_mode(), autocast(device, dtype):
+        return tv(images)
+
+    return TorchStep(infer)
+
+  tv.train()
+  if after_train_mode is not None:
+    after_train_mode(tv)
+  opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=SGD_LR,
+                        momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+
+  def train():
+    with autocast(device, dtype):
+      losses = tv(images, targets)
+    loss = sum(losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  return TorchStep(train)

@@ -36,8 +36,8 @@ import torch
 import torchvision
 
 import jdet
-from harness import (Case, HostStep, JaxStep, TorchStep, _jax_sync, _median_time, _torch_sync,
-                     machine_info)  # bench/harness.py
+from harness import (Case, HostStep, JaxStep, TorchStep, jax_sync, machine_info, median_time,
+                     torch_sync)  # bench/harness.py
 from jdet.testing import random_boxes
 
 
@@ -54,11 +54,11 @@ def bench_nms(sizes, repeats: int, tdev: torch.device) -> list[dict]:
     labels = rng.integers(0, 80, size=n).astype(np.int32)
     jb, js, jl = map(jnp.asarray, (boxes, scores, labels))
     tb, ts, tl = (torch.from_numpy(x).to(tdev) for x in (boxes, scores, labels))
-    ref = _median_time(lambda: torchvision.ops.batched_nms(tb, ts, tl, 0.5), repeats=repeats, sync=_torch_sync)
+    ref = median_time(lambda: torchvision.ops.batched_nms(tb, ts, tl, 0.5), repeats=repeats, sync=torch_sync)
     n_kept = int(torchvision.ops.batched_nms(tb, ts, tl, 0.5).numel())
     for k, label in ((n, "all kept"), (100, "first 100")):
       f = jax.jit(lambda b, s, l, k=k: jdet.ops.batched_nms(b, s, l, iou_threshold=0.5, max_output_size=k))
-      ours = _median_time(lambda: f(jb, js, jl), repeats=repeats, sync=_jax_sync)
+      ours = median_time(lambda: f(jb, js, jl), repeats=repeats, sync=jax_sync)
       rows.append(_row(f"batched_nms N={n} (80 classes, {n_kept} kept), jdet {label}", ours, ref, "torchvision"))
   return rows
 
@@ -78,13 +78,13 @@ def bench_roi_align(num_rois: int, image_hw: tuple[int, int], channels: int, rep
   jrois = jnp.asarray(rois)
   f = jax.jit(lambda fs, r: jdet.ops.multilevel_roi_align(
       fs, r, strides=strides, output_size=7, sampling_ratio=2, aligned=False))
-  ours = _median_time(lambda: f(jfeats, jrois), repeats=repeats, sync=_jax_sync)
+  ours = median_time(lambda: f(jfeats, jrois), repeats=repeats, sync=jax_sync)
 
   pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size=7, sampling_ratio=2)
   tfeats = {f"p{i + 2}": torch.from_numpy(x.transpose(2, 0, 1)[None]).to(tdev) for i, x in enumerate(feats)}
   trois = [torch.from_numpy(rois).to(tdev)]
   with torch.no_grad():
-    ref = _median_time(lambda: pooler(tfeats, trois, [(h, w)]), repeats=repeats, sync=_torch_sync)
+    ref = median_time(lambda: pooler(tfeats, trois, [(h, w)]), repeats=repeats, sync=torch_sync)
   return [_row(f"multilevel_roi_align {num_rois} RoIs, {h}x{w}, C={channels}", ours, ref, "torchvision")]
 
 
@@ -97,11 +97,11 @@ def bench_matching(shapes, batch: int, repeats: int) -> list[dict]:
     def scipy_loop():
       return [scipy.optimize.linear_sum_assignment(c) for c in cost]
 
-    ref = _median_time(scipy_loop, repeats=repeats, sync=lambda _: None)
+    ref = median_time(scipy_loop, repeats=repeats, sync=lambda _: None)
     jc = jnp.asarray(cost)
     for solver in ("host", "jax"):
       f = jax.jit(lambda c, solver=solver: jdet.assign.linear_sum_assignment(c, solver=solver))
-      ours = _median_time(lambda: f(jc), repeats=repeats, sync=_jax_sync)
+      ours = median_time(lambda: f(jc), repeats=repeats, sync=jax_sync)
       rows.append(_row(f"linear_sum_assignment {batch}x{n}x{m}, jdet {solver} solver", ours, ref, "scipy"))
   return rows
 

@@ -12,15 +12,18 @@ Every model is its config's default (the paper's COCO setting: 80 classes,
 VGG16 without BatchNorm) with random weights (seed 0). The input is a batch of
 random images at the model's input size with 3 random ground-truth boxes each.
 
-* training: one SGD step (momentum 0.9, weight decay 5e-4) of the model's loss,
-  forward and backward included, jitted with parameters and optimiser state
-  donated (:func:`bench.ssd.jdet_train`).
+* training: one step of the model's loss, forward and backward included: the
+  training step ``train.py`` runs (:func:`jdet.engine.training.make_train_step`
+  with the model's config's COCO optimiser: SGD, momentum 0.9, weight decay
+  5e-4), compiled once with the state donated
+  (:func:`bench.harness.jdet_train_step`), as ``bench/run_all.py`` runs it.
 * inference: the model's ``predict`` (post-processing and NMS included),
   jitted. jdet's post-processing works on fixed shapes, so its cost does not
   depend on how confident the (random) weights are.
 
-Timing: ``--warmup`` untimed calls (compilation included), then the median of
-``--iters`` calls, each waited for. Results: a table of images per second and
+Timing (:func:`bench.harness.time_warm`): each step is compiled first, apart;
+then ``--warmup`` untimed calls and the median of ``--iters`` calls, each
+waited for. Results: a table of images per second and
 of each model's speed relative to the SSD of the same resolution class
 (RefineDet320 / SSD300, RefineDet512 / SSD512), written with the machine to
 ``bench/results/refinedet_<backend>[_bfloat16].json`` and ``.txt``.
@@ -28,6 +31,7 @@ of each model's speed relative to the SSD of the same resolution class
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 
@@ -38,10 +42,9 @@ import torch
 
 from jdet.models import build_model
 from jdet.testing import random_boxes
-from harness import (Case, jdet_predict_step, jdet_train_step, machine_info, parse_args,
-                     parse_ints, random_variables, report,
-                     side_by_side_parser)  # bench/harness.py (it puts the repository root on sys.path)
-from ssd import jdet_infer, jdet_train  # bench/ssd.py
+from harness import (Case, jdet_step, machine_info, model_cases, parse_args, parse_ints,
+                     random_variables, report, side_by_side_parser,
+                     time_warm)  # bench/harness.py (it puts the repository root on sys.path)
 
 BOXES_PER_IMAGE = 3
 # Each RefineDet row is compared with the SSD of the same resolution class.
@@ -49,7 +52,8 @@ REFERENCE = {"refinedet320": "ssd300", "refinedet512": "ssd512"}
 
 
 def load_model(name: str, dtype: str):
-  """``(module, params, input side)`` for ``configs/<name>.py``'s default variant."""
+  """``(module, params, input side, number of classes)`` for ``configs/<name>.py``'s default
+  variant, with random weights."""
   config = importlib.import_module(f"configs.{name}").get_config()
   kwargs = dict(config.model)
   kwargs["dtype"] = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -63,6 +67,8 @@ def load_model(name: str, dtype: str):
 
 
 def make_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
+  """A jdet batch of ``batch`` random ``size x size`` images (normalised-pixel scale) with
+  3 random boxes each, labels in ``0 .. num_classes-1``."""
   rng = np.random.default_rng(seed)
   boxes = np.stack([random_boxes(rng, BOXES_PER_IMAGE, size=size, min_side=0.07 * size,
                                  max_side=0.66 * size) for _ in range(batch)])
@@ -72,6 +78,15 @@ def make_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
               image_size=jnp.full((batch, 2), size, jnp.int32),
               orig_size=jnp.full((batch, 2), size, jnp.int32),
               valid=jnp.ones((batch,), bool))
+
+
+def model_step(name: str, loaded: tuple, case: str, b: int):
+  """jdet's step of ``configs/<name>.py``'s model (``loaded``: :func:`load_model`'s tuple)
+  for ``case`` at batch ``b`` on :func:`make_batch`: the training step ``train.py`` runs
+  with the config's COCO optimiser, or ``predict``."""
+  model, params, size, num_classes = loaded
+  optim_config = importlib.import_module(f"configs.{name}").get_config("coco").optim
+  return jdet_step(case, model, {"params": params}, make_batch(b, size, num_classes), optim_config)
 
 
 # ----------------------------------------------------------------------------
@@ -94,34 +109,20 @@ def suite(profile: str, dtype: str, device) -> list[Case]:
   same resolution class: SSD300's figures come from ``bench/ssd.py``'s cases when the
   suite measured the same batch (that SSD300 has torchvision's 90 classes), else from
   ``configs/ssd300.py``'s model; SSD512 from ``configs/ssd512.py``'s."""
-  loaded = {}
-
-  def load(name):
-    if name not in loaded:
-      loaded[name] = load_model(name, dtype)
-    return loaded[name]
+  load = functools.cache(lambda name: load_model(name, dtype))
 
   def step(name, case, b):
-    model, params, size, num_classes = load(name)
-    batch = make_batch(b, size, num_classes)
-    if case == "train":
-      optim_config = importlib.import_module(f"configs.{name}").get_config("coco").optim
-      return jdet_train_step(model, {"params": params}, batch, optim_config)
-    return jdet_predict_step(model, {"params": params}, batch)
+    return model_step(name, load(name), case, b)
 
   cases = []
   for name, (train_batch, infer_batches) in SUITE_BATCHES[profile].items():
-    ref = REFERENCE[name]
-    train = [("train", train_batch)] if train_batch else []
-    for case, b in train + [("inference", b) for b in infer_batches]:
-      size = int(name[-3:])
-      cases.append(Case(
-          name.replace("refinedet", "RefineDet"), case,
-          lambda name=name, case=case, b=b: step(name, case, b),
-          lambda ref=ref, case=case, b=b: step(ref, case, b),
-          batch=b, input_size=f"{size}x{size}", peer=f"jdet {ref.upper()}",
-          key=("jdet", name, case, b), peer_key=("jdet", ref, case, b),
-          settings=dict(boxes_per_image=BOXES_PER_IMAGE, weights="random")))
+    ref, size = REFERENCE[name], int(name[-3:])
+    cases += model_cases(
+        name.replace("refinedet", "RefineDet"), functools.partial(step, name),
+        functools.partial(step, ref), train_batch=train_batch, infer_batches=infer_batches,
+        key=("jdet", name), peer_key=("jdet", ref), input_size=f"{size}x{size}",
+        peer=f"jdet {ref.upper()}",
+        settings=dict(boxes_per_image=BOXES_PER_IMAGE, weights="random"))
   return cases
 
 
@@ -139,13 +140,12 @@ def main() -> None:
   timing = dict(warmup=args.warmup, iters=args.iters)
   rows = []
   for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-    model, params, size, num_classes = load_model(name, args.dtype)
+    loaded = load_model(name, args.dtype)
+    size = loaded[2]
     cases = [("train", b) for b in args.train_batches] + [("inference", b)
                                                           for b in args.infer_batches]
     for case, b in cases:
-      batch = make_batch(b, size, num_classes)
-      fn = jdet_train if case == "train" else jdet_infer
-      seconds = fn(model, params, batch, **timing)
+      seconds = time_warm(model_step(name, loaded, case, b), **timing).median_s
       row = dict(model=name, image_size=size, case=case, batch=b, img_s=b / seconds)
       ref = next((r for r in rows if r["model"] == REFERENCE.get(name) and r["case"] == case
                   and r["batch"] == b), None)

@@ -36,8 +36,10 @@ are written after every case, so a run cut short keeps every finished figure.
 Figures per case: images per second (or milliseconds for an operator), the
 ratio jdet / peer speed (above 1: jdet is faster), FLOPs per step from XLA's
 cost analysis of the compiled jdet step, MFU (those FLOPs / step time / the
-device's peak, :data:`bench.harness.PEAK_TFLOPS` or ``--peak_tflops``; the peer
-gets the same model FLOPs), compile time, memory (XLA's buffer assignment of
+device's peak, :data:`bench.harness.PEAK_TFLOPS` or ``--peak_tflops``; on a CPU
+the larger of its nominal float32 peak and what a float32 matmul reaches in this
+process, :func:`bench.harness.cpu_peak_flops`; at most 100 %; the peer gets the
+same model FLOPs), compile time, memory (XLA's buffer assignment of
 the compiled step; on a GPU also the process's peak, and
 ``torch.cuda.max_memory_allocated`` for the peer).
 
@@ -225,7 +227,10 @@ def run_case(case, *, iters_for, measured: dict) -> dict:
 
 
 def figures(row: dict, peak: float | None) -> dict:
-  """Derived figures of a measured row: img/s, ms, ratio, MFU."""
+  """Derived figures of a measured row: img/s, ms, ratio, MFU (:func:`bench.harness.mfu`,
+  at most 1; the achieved rate is ``jdet_tflop_s``)."""
+  import harness
+
   j, p = row.get("jdet"), row.get("peer_timing")
   out = {}
   if not j or not j.get("median_s"):
@@ -246,9 +251,9 @@ def figures(row: dict, peak: float | None) -> dict:
     out["gflop_per_step"] = flops / 1e9
     out["jdet_tflop_s"] = flops / js / 1e12
     if peak:
-      out["jdet_mfu"] = flops / js / peak
+      out["jdet_mfu"] = harness.mfu(flops, js, peak)
       if ps:
-        out["peer_mfu"] = flops / ps / peak
+        out["peer_mfu"] = harness.mfu(flops, ps, peak)
   return out
 
 
@@ -405,7 +410,8 @@ def parse_args(argv=None):
                       help="threads per side on a CPU (torch.set_num_threads and XLA's "
                            "intra-op threads); 0: the libraries' defaults. Default 1 on a CPU")
   parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="the device's peak for MFU (default: the table by device name)")
+                      help="the device's peak for MFU (default: the table by device name; on a "
+                           "CPU its nominal float32 peak or a measured matmul, the larger)")
   parser.add_argument("--dry_run", action="store_true",
                       help="tiny inputs, one call each, jdet's steps lowered but not compiled")
   parser.add_argument("--out", default=None,

@@ -9,7 +9,7 @@ Measures, side by side:
   host by scipy on both sides, 18 terms), forward and backward, AdamW (lr
   2.5e-5, weight decay 1e-4) with gradient clipping at global norm 1, the
   authors' solver. jdet: the training step ``train.py`` runs
-  (:func:`jdet.training.make_train_step` with ``configs/sparse_rcnn.py``'s
+  (:func:`jdet.engine.training.make_train_step` with ``configs/sparse_rcnn.py``'s
   optimiser), compiled once. MMDetection: the model in train mode (its ResNet
   keeps BatchNorm in eval, stem and layer1 frozen), ``sum(model.loss(x,
   samples))`` backward, ``clip_grad_norm_`` and ``torch.optim.AdamW``.
@@ -44,6 +44,7 @@ with the machine to ``bench/results/sparse_rcnn_<device>[_bfloat16].json`` and
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -51,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from harness import (Case, TorchStep, jdet_predict_step, jdet_train_step, machine_info, parse_args,
-                     parse_hw, parse_ints, report, side_by_side_parser,
-                     time_step)  # bench/harness.py (puts the repository root on sys.path)
+from harness import (Case, TorchStep, autocast, machine_info, model_cases, parse_args, parse_hw,
+                     parse_ints, run_side_by_side, side_by_side_parser,
+                     side_by_side_steps)  # bench/harness.py (puts the repository root on sys.path)
 from jdet.convert.mmdet_sparse_rcnn import sparse_rcnn_variables
 from jdet.models import build_model
 from jdet.testing import random_boxes
@@ -129,19 +130,15 @@ def build_models(dtype: str, device: torch.device):
   return mm.to(device), model, jax.tree.map(jnp.asarray, variables)
 
 
-def _autocast(device: torch.device, dtype: str):
-  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-def mmdet_train_fn(mm, inputs, *, device: torch.device, dtype: str):
-  """A call of one MMDetection training step: summed loss terms, backward, clipping, AdamW."""
+def mmdet_train_step(mm, inputs, *, device: torch.device, dtype: str) -> TorchStep:
+  """One MMDetection training step: summed loss terms, backward, clipping, AdamW."""
   mm.train()  # its ResNet keeps BatchNorm in eval (norm_eval) and stem + layer1 frozen
   params = [p for p in mm.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
   x, samples = mmdet_batch(inputs, device, with_boxes=True)
 
   def call():
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
       losses = mm.loss(x, samples)
     loss = sum(v for k, v in losses.items() if "loss" in k)
     opt.zero_grad(set_to_none=True)
@@ -150,23 +147,36 @@ def mmdet_train_fn(mm, inputs, *, device: torch.device, dtype: str):
     opt.step()
     return loss
 
-  return call
+  return TorchStep(call)
 
 
-def mmdet_infer_fn(mm, inputs, *, device: torch.device, dtype: str):
+def mmdet_predict_step(mm, inputs, *, device: torch.device, dtype: str) -> TorchStep:
+  """MMDetection's ``predict`` in eval mode under ``torch.no_grad()``."""
   mm.eval()
   x, samples = mmdet_batch(inputs, device, with_boxes=False)
 
   def call():
-    with torch.no_grad(), _autocast(device, dtype):
+    with torch.no_grad(), autocast(device, dtype):
       return mm.predict(x, samples, rescale=False)
 
-  return call
+  return TorchStep(call)
 
 
-def jdet_train(model, variables, inputs):
+def mmdet_step(case: str, mm, inputs, *, device: torch.device, dtype: str) -> TorchStep:
+  """:func:`mmdet_train_step` for ``"train"``, :func:`mmdet_predict_step` for ``"inference"``."""
+  make = mmdet_train_step if case == "train" else mmdet_predict_step
+  return make(mm, inputs, device=device, dtype=dtype)
+
+
+def step_makers(models, size: tuple[int, int], *, device: torch.device, dtype: str):
+  """``(jdet(case, b), mmdet(case, b))`` (:func:`bench.harness.side_by_side_steps`) on the
+  same :func:`make_inputs` of ``size``: jdet's training step is the one ``train.py`` runs,
+  with ``configs/sparse_rcnn.py``'s COCO optimiser; MMDetection's is :func:`mmdet_step`.
+  ``models()`` gives :func:`build_models`'s triple."""
   from configs import sparse_rcnn as config_file
-  return jdet_train_step(model, variables, jdet_batch(inputs), config_file.get_config("coco").optim)
+  return side_by_side_steps(models, lambda b: make_inputs(b, size), jdet_batch,
+                            config_file.get_config("coco").optim,
+                            functools.partial(mmdet_step, device=device, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -180,41 +190,18 @@ SUITE_SETTINGS = {"gpu": ((800, 1333), 2, (1, 8)), "cpu": ((256, 384), 1, (1, 8)
 
 
 def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
+  """Sparse R-CNN R50-FPN training and inference, jdet beside MMDetection's
+  (:func:`step_makers`), the same converted weights and inputs."""
   size, train_batch, infer_batches = SUITE_SETTINGS[profile]
-  built = {}
-
-  def models():
-    if not built:
-      built["models"] = build_models(dtype, device)
-    return built["models"]
-
-  def train():
-    _, model, variables = models()
-    return jdet_train(model, variables, make_inputs(train_batch, size))
-
-  def train_peer():
-    return TorchStep(mmdet_train_fn(models()[0], make_inputs(train_batch, size), device=device,
-                                    dtype=dtype))
-
-  def infer(b):
-    _, model, variables = models()
-    return jdet_predict_step(model, variables, jdet_batch(make_inputs(b, size)))
-
-  def infer_peer(b):
-    return TorchStep(mmdet_infer_fn(models()[0], make_inputs(b, size), device=device, dtype=dtype))
-
+  models = functools.cache(lambda: build_models(dtype, device))
   hc, wc = canvas_of(size)
-  where = f"{size[0]}x{size[1]} in {hc}x{wc}"
   settings = dict(num_classes=NUM_CLASSES, num_proposals=NUM_PROPOSALS,
                   boxes_per_image=BOXES_PER_IMAGE, matcher="host (scipy) on both sides",
                   optimizer=f"AdamW lr {LR} wd {WEIGHT_DECAY}, clip {CLIP_NORM} on both sides")
-  peer = "MMDetection 3.3.0"
-  cases = [Case("Sparse R-CNN R50-FPN", "train", train, train_peer, batch=train_batch,
-                input_size=where, peer=peer, settings=settings)]
-  cases += [Case("Sparse R-CNN R50-FPN", "inference", lambda b=b: infer(b),
-                 lambda b=b: infer_peer(b), batch=b, input_size=where, peer=peer,
-                 settings=settings) for b in infer_batches]
-  return cases
+  return model_cases(
+      "Sparse R-CNN R50-FPN", *step_makers(models, size, device=device, dtype=dtype),
+      train_batch=train_batch, infer_batches=infer_batches,
+      input_size=f"{size[0]}x{size[1]} in {hc}x{wc}", peer="MMDetection 3.3.0", settings=settings)
 
 
 # ----------------------------------------------------------------------------
@@ -231,39 +218,16 @@ def main() -> None:
 
   device = torch.device(args.device)
   machine = machine_info(device)
-  mm, model, variables = build_models(args.dtype, device)
+  models = functools.cache(lambda: build_models(args.dtype, device))
   settings = dict(dtype=args.dtype, size=args.size, canvas=canvas_of(args.size), iters=args.iters,
                   warmup=args.warmup, boxes_per_image=BOXES_PER_IMAGE, num_classes=NUM_CLASSES,
                   num_proposals=NUM_PROPOSALS)
   print("machine:", json.dumps(machine))
   print("settings:", json.dumps(settings))
-  rows = []
-  for case, b in [("train", args.train_batch)] + [("inference", b) for b in args.infer_batches]:
-    inputs = make_inputs(b, args.size)
-    if case == "train":
-      ours_step = jdet_train(model, variables, inputs)
-      ref_step = TorchStep(mmdet_train_fn(mm, inputs, device=device, dtype=args.dtype))
-    else:
-      ours_step = jdet_predict_step(model, variables, jdet_batch(inputs))
-      ref_step = TorchStep(mmdet_infer_fn(mm, inputs, device=device, dtype=args.dtype))
-    timings = []
-    for step in (ours_step, ref_step):
-      t = time_step(step, 0)
-      for _ in range(args.warmup - 1):
-        step.run()
-      timings.append(time_step(step, args.iters, t))
-    ours, ref = (t.median_s for t in timings)
-    row = dict(case=case, batch=b, jdet_ms=ours * 1e3, mmdet_ms=ref * 1e3, jdet_img_s=b / ours,
-               mmdet_img_s=b / ref, ratio=ref / ours, jdet_compile_s=timings[0].compile_s,
-               jdet_gflops=(timings[0].flops or 0) / 1e9)
-    rows.append(row)
-    print(f"{case} batch {b}: jdet {row['jdet_ms']:.0f} ms (compiled in "
-          f"{row['jdet_compile_s']:.1f} s), MMDetection {row['mmdet_ms']:.0f} ms", flush=True)
-
-  report(args, "sparse_rcnn", machine=machine, settings=settings, rows=rows, columns=[
-      ("case", "case", ""), ("batch", "batch", ""), ("jdet ms", "jdet_ms", ".0f"),
-      ("MMDet ms", "mmdet_ms", ".0f"), ("jdet img/s", "jdet_img_s", ".2f"),
-      ("MMDet img/s", "mmdet_img_s", ".2f"), ("jdet/MMDet speed", "ratio", ".2f")])
+  runs = [("train", args.train_batch)] + [("inference", b) for b in args.infer_batches]
+  run_side_by_side(args, "sparse_rcnn", runs,
+                   *step_makers(models, args.size, device=device, dtype=args.dtype),
+                   peer="mmdet", label="MMDet", machine=machine, settings=settings)
 
 
 if __name__ == "__main__":

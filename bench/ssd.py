@@ -4,13 +4,17 @@
   python bench/ssd.py --iters 2 --warmup 1 --train-batches 8
   python bench/ssd.py --device cuda --dtype bfloat16  # on a GPU machine
 
-Measures images per second, side by side:
+Measures milliseconds and images per second, side by side (the same steps as
+``bench/run_all.py``'s SSD300 cases, :func:`step_makers`):
 
-* training: one SGD step (momentum 0.9, weight decay 5e-4) of the multibox
-  loss, forward and backward included. jdet: ``model.apply(..., method="loss")``
-  under ``jax.value_and_grad`` and an optax update, jitted with the parameters
-  and optimiser state donated. torchvision: the model in train mode,
-  ``sum(model(images, targets).values()).backward()`` and ``torch.optim.SGD.step()``.
+* training: one step of the multibox loss, forward and backward included.
+  jdet: the training step ``train.py`` runs
+  (:func:`jdet.engine.training.make_train_step`: ``configs/ssd300.py``'s COCO
+  optimiser, SGD with momentum 0.9 and weight decay 5e-4 in its warm-up),
+  compiled once with the state donated. torchvision: the model in train mode,
+  ``sum(model(images, targets).values()).backward()`` and ``torch.optim.SGD.step()``
+  (momentum 0.9, weight decay 5e-4, learning rate 1e-5 so that random-weight
+  training stays finite over the timed steps).
 * inference: jdet ``method="predict"`` (jitted, per-class NMS included);
   torchvision in eval mode under ``torch.inference_mode()`` (its postprocess,
   NMS included). Both keep 400 candidates per class and 200 detections per image.
@@ -30,41 +34,41 @@ same on both sides. torchvision receives ``[0, 1]`` images and normalises them
 itself (its ``GeneralizedRCNNTransform``; the resize is the identity at
 300x300); jdet receives the normalised batch, as its data pipeline produces it.
 
-Timing: ``--warmup`` untimed calls first (for jdet these include compilation),
-then the median of ``--iters`` calls, each waited for (``block_until_ready`` /
-CUDA synchronisation). jdet runs on JAX's default backend; torchvision on
-``--device``. ``--dtype bfloat16`` builds jdet's SSD with ``dtype=bfloat16``
-and runs torchvision under ``torch.autocast(device, dtype=torch.bfloat16)``;
-parameters stay float32 on both sides. The learning rate is tiny (1e-5) so that
-random-weight training stays finite over the timed steps.
+Timing (:func:`bench.harness.time_warm`): jdet's step is compiled first, apart;
+then ``--warmup`` untimed calls on each side and the median of ``--iters``
+calls, each waited for (``block_until_ready`` / CUDA synchronisation). jdet
+runs on JAX's default backend; torchvision on ``--device``. ``--dtype
+bfloat16`` builds jdet's SSD with ``dtype=bfloat16`` and runs torchvision
+under ``torch.autocast(device, dtype=torch.bfloat16)``; parameters stay
+float32 on both sides.
 
-Results: a table (the last column is jdet / torchvision images per second, so
-> 1 means jdet is faster), written with the settings and machine to
+Results: a table (the last column is jdet / torchvision speed, so > 1 means
+jdet is faster), written with the settings and machine to
 ``bench/results/ssd_<device>[_bfloat16].json`` and ``.txt``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import torchvision
 
 from jdet import convert
 from jdet.models.ssd import SSD
 from jdet.testing import random_boxes
-from harness import (Case, TorchStep, _jax_sync, _median_time, _torch_sync, jdet_predict_step,
-                     jdet_train_step, machine_info, parse_args, parse_ints, report,
-                     side_by_side_parser)  # bench/harness.py
+from harness import (SGD_LR, SGD_MOMENTUM, Case, machine_info, model_cases, parse_args, parse_ints,
+                     run_side_by_side, side_by_side_parser, side_by_side_steps,
+                     torchvision_batch, torchvision_step)  # bench/harness.py
 
 SIZE = 300
 TV_CLASSES = 91  # COCO in torchvision: 90 categories and the background
 BOXES_PER_IMAGE = 3
-LR, MOMENTUM, WEIGHT_DECAY = 1e-5, 0.9, 5e-4
+WEIGHT_DECAY = 5e-4
 # torchvision's GeneralizedRCNNTransform for ssd300_vgg16: mean in [0, 1] units, std 1 / 255.
 TV_MEAN = np.float32([0.48235, 0.45882, 0.40784])
 
@@ -92,16 +96,8 @@ def jdet_batch(inputs: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
               image_size=jnp.full((b, 2), SIZE, jnp.int32), valid=jnp.ones((b,), bool))
 
 
-def torch_batch(inputs: dict[str, np.ndarray], device: torch.device):
-  images = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(device) for x in inputs["images"]]
-  targets = [{"boxes": torch.from_numpy(b).to(device),
-              "labels": torch.from_numpy(l + 1).long().to(device)}
-             for b, l in zip(inputs["boxes"], inputs["labels"])]
-  return images, targets
-
-
 def build_models(dtype: str, device: torch.device, background_shift: float):
-  """``(torchvision model, jdet model, jdet params)`` with the same weights."""
+  """``(torchvision model, jdet model, jdet variables)`` with the same weights."""
   torch.manual_seed(0)
   tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
                                                  num_classes=TV_CLASSES)
@@ -113,13 +109,13 @@ def build_models(dtype: str, device: torch.device, background_shift: float):
               pre_nms_top_k=tv.topk_candidates, max_detections=tv.detections_per_img,
               score_threshold=tv.score_thresh, nms_threshold=tv.nms_thresh,
               dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-  return tv.to(device), model, jax.tree.map(jnp.asarray, params)
+  return tv.to(device), model, {"params": jax.tree.map(jnp.asarray, params)}
 
 
 def nms_candidates(tv, inputs, device: torch.device) -> float:
   """Mean number of (default box, class) candidates per image that torchvision sends to NMS:
   per class the scores above its threshold, at most ``topk_candidates``."""
-  images, _ = torch_batch(inputs, device)
+  images, _ = torchvision_batch(inputs, device)
   tv.eval()
   with torch.inference_mode():
     normalised = tv.transform(images)[0].tensors
@@ -128,97 +124,16 @@ def nms_candidates(tv, inputs, device: torch.device) -> float:
   return float(passing.clamp(max=tv.topk_candidates).sum(1).float().mean())
 
 
-def _autocast(device: torch.device, dtype: str):
-  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-# ----------------------------------------------------------------------------
-# Timed steps.
-# ----------------------------------------------------------------------------
-
-
-def _time(fn, *, warmup: int, iters: int, sync) -> float:
-  """Median seconds per call of ``fn`` after ``warmup`` untimed calls (at least one)."""
-  for _ in range(warmup - 1):  # _median_time makes the last warm-up call itself
-    sync(fn())
-  return _median_time(fn, repeats=iters, sync=sync)
-
-
-def jdet_train(model, params, batch, *, warmup: int, iters: int) -> float:
-  """Median seconds of one jitted SGD step of ``model``'s loss on the jdet ``batch``."""
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
-
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      loss, _ = model.apply({"params": p}, batch, method="loss", train=True)
-      return loss
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  step = jax.jit(train_step, donate_argnums=(0, 1))
-  state = [jax.tree.map(jnp.copy, params), None]  # a copy: the donated buffers are consumed
-  state[1] = tx.init(state[0])
-
-  def call():
-    state[0], state[1], loss = step(state[0], state[1], batch)
-    return loss
-
-  return _time(call, warmup=warmup, iters=iters, sync=_jax_sync)
-
-
-def jdet_infer(model, params, batch, *, warmup: int, iters: int) -> float:
-  """Median seconds of one jitted ``predict`` (post-processing included) on ``batch``."""
-  predict = jax.jit(lambda p, b: model.apply({"params": p}, b, method="predict"))
-  return _time(lambda: predict(params, batch), warmup=warmup, iters=iters, sync=_jax_sync)
-
-
-def torch_train_fn(tv, inputs, *, device, dtype: str, weight_decay: float = WEIGHT_DECAY,
-                   after_train_mode=None):
-  """A call of one SGD step of a torchvision detector's summed losses (not yet run).
-  ``after_train_mode(tv)`` runs after ``tv.train()`` (e.g. to keep frozen BatchNorm in eval)."""
-  tv.train()
-  if after_train_mode is not None:
-    after_train_mode(tv)
-  opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=LR,
-                        momentum=MOMENTUM, weight_decay=weight_decay)
-  images, targets = torch_batch(inputs, device)
-
-  def call():
-    with _autocast(device, dtype):
-      losses = tv(images, targets)
-    loss = sum(losses.values())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
-
-  return call
-
-
-def torch_train(tv, inputs, *, device, dtype: str, warmup: int, iters: int,
-                weight_decay: float = WEIGHT_DECAY, after_train_mode=None) -> float:
-  """Median seconds of one SGD step of a torchvision detector's summed losses."""
-  call = torch_train_fn(tv, inputs, device=device, dtype=dtype, weight_decay=weight_decay,
-                        after_train_mode=after_train_mode)
-  return _time(call, warmup=warmup, iters=iters, sync=_torch_sync)
-
-
-def torch_infer_fn(tv, inputs, *, device, dtype: str):
-  """A call of a torchvision detector in eval mode, post-processing included (not yet run)."""
-  tv.eval()
-  images, _ = torch_batch(inputs, device)
-
-  def call():
-    with torch.inference_mode(), _autocast(device, dtype):
-      return tv(images)
-
-  return call
-
-
-def torch_infer(tv, inputs, *, device, dtype: str, warmup: int, iters: int) -> float:
-  return _time(torch_infer_fn(tv, inputs, device=device, dtype=dtype), warmup=warmup,
-               iters=iters, sync=_torch_sync)
+def step_makers(models, *, device: torch.device, dtype: str):
+  """``(jdet(case, b), torchvision(case, b))`` (:func:`bench.harness.side_by_side_steps`) on
+  the same :func:`make_inputs`: jdet's training step is the one ``train.py`` runs, with
+  ``configs/ssd300.py``'s COCO optimiser; torchvision's SGD has weight decay 5e-4
+  (:func:`bench.harness.torchvision_step`). ``models()`` gives :func:`build_models`'s
+  triple."""
+  from configs import ssd300 as ssd300_config
+  return side_by_side_steps(models, make_inputs, jdet_batch, ssd300_config.get_config("coco").optim,
+                            functools.partial(torchvision_step, device=device, dtype=dtype,
+                                              weight_decay=WEIGHT_DECAY))
 
 
 # ----------------------------------------------------------------------------
@@ -231,46 +146,17 @@ SUITE_BATCHES = {"gpu": (32, (1,)), "cpu": (1, (1,)), "dry": (1, (1,))}
 
 
 def suite(profile: str, dtype: str, device: torch.device) -> list[Case]:
-  """SSD300 training and inference, jdet (the training step ``train.py`` runs, with
-  ``configs/ssd300.py``'s optimiser) beside torchvision's ``ssd300_vgg16`` (SGD), the
-  same converted weights and inputs."""
-  from configs import ssd300 as ssd300_config
-
+  """SSD300 training and inference, jdet beside torchvision's ``ssd300_vgg16``
+  (:func:`step_makers`), the same converted weights and inputs."""
   train_batch, infer_batches = SUITE_BATCHES[profile]
-  built = {}
-
-  def models():
-    if not built:
-      built["models"] = build_models(dtype, device, background_shift=8.0)
-    return built["models"]
-
-  def train():
-    _, model, params = models()
-    return jdet_train_step(model, {"params": params}, jdet_batch(make_inputs(train_batch)),
-                           ssd300_config.get_config("coco").optim)
-
-  def train_peer():
-    return TorchStep(torch_train_fn(models()[0], make_inputs(train_batch), device=device,
-                                    dtype=dtype))
-
-  def infer(b):
-    _, model, params = models()
-    return jdet_predict_step(model, {"params": params}, jdet_batch(make_inputs(b)))
-
-  def infer_peer(b):
-    return TorchStep(torch_infer_fn(models()[0], make_inputs(b), device=device, dtype=dtype))
-
-  size = f"{SIZE}x{SIZE}"
+  models = functools.cache(lambda: build_models(dtype, device, background_shift=8.0))
   settings = dict(num_classes=TV_CLASSES - 1, boxes_per_image=BOXES_PER_IMAGE,
-                  background_shift=8.0, peer_optimizer=f"SGD lr {LR} momentum {MOMENTUM}")
-  cases = [Case("SSD300", "train", train, train_peer, batch=train_batch, input_size=size,
-                peer="torchvision", key=("jdet", "ssd300", "train", train_batch),
-                settings=settings)]
-  cases += [Case("SSD300", "inference", lambda b=b: infer(b), lambda b=b: infer_peer(b), batch=b,
-                 input_size=size, peer="torchvision", key=("jdet", "ssd300", "inference", b),
-                 settings=settings)
-            for b in infer_batches]
-  return cases
+                  background_shift=8.0,
+                  peer_optimizer=f"SGD lr {SGD_LR} momentum {SGD_MOMENTUM}")
+  return model_cases("SSD300", *step_makers(models, device=device, dtype=dtype),
+                     train_batch=train_batch, infer_batches=infer_batches,
+                     key=("jdet", "ssd300"), input_size=f"{SIZE}x{SIZE}", peer="torchvision",
+                     settings=settings)
 
 
 # ----------------------------------------------------------------------------
@@ -292,32 +178,17 @@ def main() -> None:
 
   device = torch.device(args.device)
   machine = machine_info(device)
-  tv, model, params = build_models(args.dtype, device, args.background_shift)
+  models = functools.cache(lambda: build_models(args.dtype, device, args.background_shift))
   settings = dict(dtype=args.dtype, iters=args.iters, warmup=args.warmup, image_size=SIZE,
                   boxes_per_image=BOXES_PER_IMAGE, num_classes=TV_CLASSES - 1,
                   background_shift=args.background_shift,
-                  nms_candidates_per_image=nms_candidates(tv, make_inputs(2, seed=1), device))
+                  nms_candidates_per_image=nms_candidates(models()[0], make_inputs(2, seed=1),
+                                                          device))
   print("machine:", json.dumps(machine))
   print("settings:", json.dumps(settings))
-  timing = dict(warmup=args.warmup, iters=args.iters)
-  rows = []
-  cases = [("train", b) for b in train_batches] + [("inference", b) for b in infer_batches]
-  for case, b in cases:
-    inputs = make_inputs(b)
-    if case == "train":
-      ours = jdet_train(model, params, jdet_batch(inputs), **timing)
-      ref = torch_train(tv, inputs, device=device, dtype=args.dtype, **timing)
-    else:
-      ours = jdet_infer(model, params, jdet_batch(inputs), **timing)
-      ref = torch_infer(tv, inputs, device=device, dtype=args.dtype, **timing)
-    row = dict(case=case, batch=b, jdet_img_s=b / ours, torchvision_img_s=b / ref, ratio=ref / ours)
-    rows.append(row)
-    print(f"{case} batch {b}: jdet {row['jdet_img_s']:.2f} img/s, "
-          f"torchvision {row['torchvision_img_s']:.2f} img/s", flush=True)
-
-  report(args, "ssd", machine=machine, settings=settings, rows=rows, columns=[
-      ("case", "case", ""), ("batch", "batch", ""), ("jdet img/s", "jdet_img_s", ".2f"),
-      ("torchvision img/s", "torchvision_img_s", ".2f"), ("jdet/torchvision", "ratio", ".2f")])
+  runs = [("train", b) for b in train_batches] + [("inference", b) for b in infer_batches]
+  run_side_by_side(args, "ssd", runs, *step_makers(models, device=device, dtype=args.dtype),
+                   peer="torchvision", label="torchvision", machine=machine, settings=settings)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 parameters stay float32, and box maths, losses, matching and NMS stay float32.
 On each detector's ``smoke`` variant, from the same weights (the model's own
 initialisation, as ``train.py`` starts) and the same training batch, one
-training step (:func:`jdet.training.make_train_step`, the step ``train.py``
+training step (:func:`jdet.engine.training.make_train_step`, the step ``train.py``
 runs) in bfloat16 must give finite losses close to float32's: the total within
 2 % and each term within 10 %. Terms move more than the total because targets
 are discrete functions of the network's outputs: RefineDet's ODM positives and
@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdet import optim, training
 from jdet.data import builder, pipeline
+from jdet.engine import optim, training
+from jdet.engine.train_state import TrainState
 from jdet.models import build_model
-from jdet.train_state import TrainState
 
 pytestmark = pytest.mark.slow
 
