@@ -1,4 +1,5 @@
-"""Evaluates a detector: ``python eval.py --config configs/ssd300.py:shapes --workdir runs/ssd``.
+"""Evaluates a detector: ``python eval.py --workdir runs/ssd`` (``--config`` defaults to the
+config its run saved; ``--config configs/ssd300.py:shapes`` gives another).
 
 Evaluates the latest checkpoint of ``--workdir`` (or ``--step N``; without
 any checkpoint, the weights named by ``--config.init.weights``) on the
@@ -33,7 +34,7 @@ from absl import app, flags  # noqa: E402
 
 from jdet import cli  # noqa: E402
 
-_CONFIG = cli.define_flags("run directory of train.py", step=True)
+_CONFIG = cli.define_flags("run directory of train.py", step=True, saved_config=True)
 _SPLIT = flags.DEFINE_string("split", "val", "data split to evaluate")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "evaluate only the first N images (0: all)")
 _TTA = flags.DEFINE_bool("tta", False, "test-time augmentation: several scales and flips, merged "
@@ -45,7 +46,8 @@ def main(argv) -> None:
   from jdet.engine.evaluate import evaluate_workdir
   f = flags.FLAGS
   with cli.exit_on_errors():
-    result = evaluate_workdir(_CONFIG.value, f.workdir, step=f.step, split=_SPLIT.value,
+    result = evaluate_workdir(cli.config_of(_CONFIG.value, f.workdir), f.workdir, step=f.step,
+                              split=_SPLIT.value,
                               max_images=_MAX_IMAGES.value, use_tta=_TTA.value)
   if result.text:
     print(result.text)

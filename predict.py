@@ -1,11 +1,11 @@
 """Runs a trained detector on your own images.
 
-  python predict.py --config configs/ssd300.py:shapes --workdir runs/ssd_shapes \
-      --out predictions photos/ extra.jpg "more/*.png"
+  python predict.py --workdir runs/ssd_shapes --out predictions photos/ extra.jpg "more/*.png"
 
 Inputs are files, folders (their images, not recursing) and globs. The weights
-are the latest checkpoint of ``--workdir`` (or ``--step N``), or
-``--weights FILE`` (a jdet ``.npz`` or a checkpoint ``jdet.convert`` reads).
+are the latest checkpoint of ``--workdir`` (or ``--step N``), with the config
+its run saved (or ``--config``), or ``--weights FILE`` (a jdet ``.npz`` or a
+checkpoint ``jdet.convert`` reads) with ``--config``.
 Writes to ``--out`` one annotated image per input, ``detections.json`` (COCO
 results format), ``images.json`` and ``summary.txt``
 (:mod:`jdet.inference.files`). Detections scoring below ``--score_threshold``
@@ -22,8 +22,8 @@ from absl import app, flags
 
 from jdet import cli
 
-_CONFIG = cli.define_flags("run directory of train.py (its checkpoints)", step=True,
-                           weights=True, distributed=False)
+_CONFIG = cli.define_flags("run directory of train.py (its checkpoints and config)", step=True,
+                           weights=True, distributed=False, saved_config=True)
 _OUT = flags.DEFINE_string("out", "predictions", "output folder")
 _SCORE = flags.DEFINE_float("score_threshold", 0.3, "leave out detections scoring below this")
 _TTA = flags.DEFINE_bool("tta", False, "the config's test-time augmentation (SSD, RefineDet)")

@@ -6,14 +6,14 @@
 XLA's CPU runtime allocates a step's large buffers afresh at every call; by
 default glibc serves each one with a fresh ``mmap`` that is unmapped when freed,
 so every step zero-fills its pages again in the kernel. ``train.py`` and
-``eval.py`` set ``JDET_KEEP_HOST_MEMORY=1`` (:mod:`jdet.hostmem`: every size
+``eval.py`` set ``JDET_KEEP_HOST_MEMORY=1`` (:mod:`jdet.engine.hostmem`: every size
 from glibc's heap, never trimmed). This program runs the same training step
 in two fresh processes, one with each setting (the setting acts on a whole
 process, before jax is imported), and prints side by side: the median step
 time, the minor page faults and the kernel (system) CPU time per step, and the
 ratio (default time / jdet's time, above 1 means the setting is faster).
 
-The step is ``train.py``'s (:func:`jdet.training.make_train_step`, the
+The step is ``train.py``'s (:func:`jdet.engine.training.make_train_step`, the
 config's optimiser, compiled once) on one batch of the config's training data
 at its batch size (``--batch`` to change it), with ``--warmup`` untimed calls
 and ``--iters`` timed ones. Results go with the machine to
@@ -41,9 +41,9 @@ def child(config_spec: str, batch_size: int | None, warmup: int, iters: int) -> 
 
   import jax
 
-  from jdet import hostmem, training
+  from jdet.engine import hostmem, restore, training
   from jdet.data import builder, pipeline
-  from jdet.inference import load_config
+  from jdet.inference.predictor import load_config
   from jdet.models import build_model
 
   config = load_config(config_spec)
@@ -53,7 +53,7 @@ def child(config_spec: str, batch_size: int | None, warmup: int, iters: int) -> 
                                    batch_size=batch_size, seed=0)
   batch = {k: v for k, v in next(iter(batches)).items() if k != pipeline.NOTES_KEY}
   model = build_model(config.model_name, **config.model)
-  state, schedule = training.init_state(model, config, batch, total_steps=100_000,
+  state, schedule = restore.init_state(model, config, batch, total_steps=100_000,
                                         load_weights=False)
   step = jax.jit(training.make_train_step(model, schedule), donate_argnums=0)
   batch = jax.device_put(batch)

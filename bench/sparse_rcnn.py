@@ -102,11 +102,11 @@ def jdet_batch(inputs: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
 
 def mmdet_batch(inputs: dict[str, np.ndarray], device: torch.device, *, with_boxes: bool):
   """``(x [B, 3, Hc, Wc] on device, DetDataSamples)`` as the oracle feeds MMDetection."""
-  from tests.oracles.mmdet_sparse_rcnn import _data_samples
+  from tests.oracles.mmdet_sparse_rcnn import data_samples
   x = torch.from_numpy(np.ascontiguousarray(inputs["image"].transpose(0, 3, 1, 2))).to(device)
   boxes = list(inputs["boxes"]) if with_boxes else None
   labels = list(inputs["labels"]) if with_boxes else None
-  samples = _data_samples([tuple(s) for s in inputs["sizes"]], x.shape[-2:], boxes, labels,
+  samples = data_samples([tuple(s) for s in inputs["sizes"]], x.shape[-2:], boxes, labels,
                           torch.float32)
   return x, [s.to(device) for s in samples]
 

@@ -8,7 +8,7 @@ Public entry points::
   jdet.ops.nms / batched_nms / soft_nms  # padded NMS
   jdet.ops.roi_align / multilevel_roi_align
   jdet.assign.linear_sum_assignment      # Hungarian matching under jit
-  jdet.Predictor.from_workdir(config, workdir)   # a trained detector on your own images
+  jdet.Predictor.from_workdir(workdir)           # a trained detector on your own images
 
 ``jdet.Predictor`` (:mod:`jdet.inference`) is imported on first use, so that
 ``import jdet`` does not load the data pipeline.

@@ -21,16 +21,18 @@ from ml_collections import config_flags
 from jdet.data import builder
 from jdet.engine import logs
 
-__all__ = ["define_flags", "start", "exit_on_errors", "predictor_from_flags"]
+__all__ = ["define_flags", "start", "config_of", "exit_on_errors", "predictor_from_flags"]
 
 
 def define_flags(workdir_help: str, *, step: bool = False, weights: bool = False,
-                 distributed: bool = True):
+                 distributed: bool = True, saved_config: bool = False):
   """Defines ``--config`` and ``--workdir`` (and ``--step``, ``--weights``, the
   multi-process flags, as asked); returns the config flag.
 
   With ``weights``, ``--workdir`` or ``--weights`` names the detector (one of
   them, checked by :func:`predictor_from_flags`); else ``--workdir`` is required.
+  With ``saved_config``, ``--config`` may be left out where the workdir holds the
+  config its run saved (:func:`config_of`).
   Call at import time of the program, before anything parses flags.
   ``configs/`` is put on ``sys.path`` first, so config files can say
   ``from configs import common`` from any working directory.
@@ -49,7 +51,16 @@ def define_flags(workdir_help: str, *, step: bool = False, weights: bool = False
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
     flags.DEFINE_integer("num_processes", None, "number of processes")
     flags.DEFINE_integer("process_id", None, "index of this process")
-  flags.mark_flags_as_required(["config"] if weights else ["config", "workdir"])
+  if not (weights or saved_config):
+    flags.mark_flags_as_required(["config", "workdir"])
+  elif not weights:
+    flags.mark_flags_as_required(["workdir"])
+  # Listed by the program's --help (absl lists the flags of the module that runs).
+  names = ["config", "workdir", "step", "weights", "distributed", "coordinator_address",
+           "num_processes", "process_id", "verbosity"]
+  for name in names:
+    if name in flags.FLAGS:
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   return config
 
 
@@ -65,15 +76,31 @@ def start(argv, *, positional: bool = False) -> None:
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
 
 
+def config_of(config, workdir: str | None):
+  """``config`` (the ``--config`` flag's value), or else the config that ``train.py`` saved
+  in ``workdir``; a usage error if there is neither."""
+  if config is not None:
+    return config
+  from jdet.engine.workdir import CONFIG_FILE, saved_config
+  found = saved_config(workdir) if workdir else None
+  if found is None:
+    where = f"{workdir} has no {CONFIG_FILE}" if workdir else "no --workdir"
+    raise app.UsageError(f"give --config ({where} to take the config of its run from)")
+  return found
+
+
 def predictor_from_flags(config, **kwargs):
   """The :class:`jdet.inference.Predictor` that ``--workdir`` (with ``--step``) or
-  ``--weights`` names, for the model of ``config``; ``kwargs`` go to its constructor."""
+  ``--weights`` names, for the model of ``config`` (with ``--workdir``, None: the config
+  its run saved); ``kwargs`` go to its constructor."""
   from jdet.inference.predictor import Predictor
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.weights):
     raise app.UsageError("give --workdir (a train.py run) or --weights (a weights file)")
   if f.workdir:
-    return Predictor.from_workdir(config, f.workdir, step=f.step, **kwargs)
+    return Predictor.from_workdir(f.workdir, config=config, step=f.step, **kwargs)
+  if config is None:
+    raise app.UsageError("--weights needs --config (the model the weights are for)")
   return Predictor.from_weights(config, f.weights, **kwargs)
 
 
@@ -81,14 +108,17 @@ def predictor_from_flags(config, **kwargs):
 def exit_on_errors():
   """Errors of the user's making end the program with their message as the last line,
   not a traceback: a mistake in the config or missing data
-  (:class:`jdet.data.builder.ConfigError`), a workdir held by another run, a resume
-  that changes the model or the data (status 1), a full disk (status
+  (:class:`jdet.data.builder.ConfigError`), no checkpoint or weights file where the
+  flags point, a workdir held by another run, a resume that changes the model or the
+  data (status 1), a full disk (status
   :data:`jdet.engine.workdir.DISK_FULL_STATUS`, 28)."""
   from jdet.data.builder import ConfigError
   from jdet.engine import workdir
+  from jdet.engine.restore import NoCheckpointError
   try:
     yield
-  except (ConfigError, workdir.WorkdirBusyError, workdir.ConfigChangedError) as e:
+  except (ConfigError, NoCheckpointError, workdir.WorkdirBusyError,
+          workdir.ConfigChangedError) as e:
     sys.exit(f"error: {e}")
   except workdir.DiskFullError as e:
     print(f"error: {e}", file=sys.stderr)

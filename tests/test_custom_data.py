@@ -266,7 +266,7 @@ def test_train_and_eval_on_custom_data(name, fmt, voc_tree, coco_files, env, tmp
     from jdet import parallel
     # One device, as eval.py ran (the suite simulates four: another split of the batch
     # changes the last bits of the boxes).
-    predictor = Predictor.from_workdir(config, workdir, mesh=parallel.make_mesh(jax.devices()[:1]))
+    predictor = Predictor.from_workdir(workdir, config=config, mesh=parallel.make_mesh(jax.devices()[:1]))
     assert predictor.class_names == ("raccoon",)
     source = VocSource(voc_tree, "val")
     results = predictor([str(source.path(i)) for i in range(len(source))])
@@ -276,6 +276,58 @@ def test_train_and_eval_on_custom_data(name, fmt, voc_tree, coco_files, env, tmp
     for a, b in zip(sorted(mine, key=order), sorted(detections, key=order)):
       assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
       assert a["score"] == b["score"] and a["bbox"] == b["bbox"], (a, b)
+
+
+def test_a_run_remembers_its_config_after_the_data_moved(voc_tree, env, tmp_path):
+  """``predict.py --workdir W`` and ``Predictor.from_workdir(W)``, with no config, from a
+  folder outside the repository, after the training data moved away: the run's saved
+  config, class names and checkpoint give ``eval.py``'s detections of the validation photos."""
+  data = tmp_path / "data"
+  data.mkdir()
+  for folder in ("Annotations", "JPEGImages", "ImageSets"):
+    os.symlink(voc_tree / folder, data / folder)
+  config = f"configs/ssd300.py:{_voc_arg(data)}"
+  workdir = tmp_path / "run"
+  _run("train.py", config, workdir, env)
+  _run("eval.py", config, workdir, env)
+  detections = json.loads((workdir / "eval" / "detections.json").read_text())
+  from jdet.data.voc import VocSource
+  source = VocSource(voc_tree, "val")
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  ids = {}
+  for i in range(len(source)):  # named by position, so that predict.py's ids are eval's order
+    name = f"{i:02d}_{source.path(i).name}"
+    (photos / name).write_bytes(source.path(i).read_bytes())
+    ids[i] = source.image_id(i)
+  os.rename(data, tmp_path / "moved")  # the training data is gone
+
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  proc = subprocess.run([sys.executable, str(REPO / "predict.py"), "--workdir", str(workdir),
+                         "--out", "out", "--score_threshold", "0", str(photos)],
+                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  got = json.loads((elsewhere / "out" / "detections.json").read_text())
+  names = json.loads((elsewhere / "out" / "images.json").read_text())["class_names"]
+  assert names == ["raccoon"]
+  got = [dict(d, image_id=ids[d["image_id"]]) for d in got]
+
+  import jax
+  from jdet import parallel
+  from jdet.inference.predictor import Predictor
+  predictor = Predictor.from_workdir(workdir, mesh=parallel.make_mesh(jax.devices()[:1]))
+  results = predictor([str(p) for p in sorted(photos.iterdir())])
+  mine = [d for i, r in enumerate(results) for d in r.to_coco(ids[i])]
+
+  def order(d):
+    return (d["image_id"], -d["score"], d["bbox"])
+
+  assert detections and len(got) == len(mine) == len(detections)
+  for a, b, c in zip(sorted(got, key=order), sorted(mine, key=order), sorted(detections, key=order)):
+    assert a["image_id"] == b["image_id"] == c["image_id"]
+    np.testing.assert_allclose([a["score"], b["score"]], c["score"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([a["bbox"], b["bbox"]], [c["bbox"]] * 2, rtol=0, atol=1e-3)
 
 
 def test_fine_tune_from_another_class_count(voc_tree, env, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -190,3 +191,35 @@ def test_two_processes_on_localhost(tmp_path, compile_cache):
   assert metrics["step"] == num_steps
   np.testing.assert_allclose(metrics["AP"], train_eval[0]["eval/AP"], rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(metrics["AP50"], train_eval[0]["eval/AP50"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("program, wanted", [
+    (["train.py"], ["--config", "--workdir", "--allow_changes", "--distributed", "--verbosity"]),
+    (["eval.py"], ["--config", "--workdir", "--step", "--tta", "--split", "--verbosity"]),
+    (["predict.py"], ["--config", "--workdir", "--weights", "--step", "--out", "--score_threshold"]),
+    (["-m", "jdet.inference.export"], ["--config", "--workdir", "--weights", "--step", "--out"]),
+])
+def test_help_lists_the_programs_own_flags(program, wanted):
+  proc = run_program([sys.executable, *program, "--help"], program_env(None), expect=None)
+  assert proc.stdout.count("--config") >= 1, proc.stderr[-3000:]  # absl exits 1 after --help
+  missing = [w for w in wanted
+             if not re.search(rf"(^|\s|,)--(\[no\])?{w[2:]}:", proc.stdout, re.M)]
+  assert not missing, (missing, proc.stdout)
+
+
+def test_a_missing_run_or_weights_file_is_one_line_and_creates_nothing(tmp_path):
+  env = program_env(None)
+  workdir = tmp_path / "no_run"
+  for cmd in (["eval.py", "--config", SMOKE, "--workdir", str(workdir)],
+              ["predict.py", "--config", SMOKE, "--workdir", str(workdir), str(tmp_path)],
+              ["predict.py", "--config", SMOKE, "--weights", str(tmp_path / "w.npz"),
+               str(tmp_path)]):
+    proc = run_program([sys.executable, *cmd], env, expect=1)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and str(tmp_path) in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+  # Without --config, eval.py needs a run that saved its config.
+  workdir.mkdir()
+  proc = run_program([sys.executable, "eval.py", "--workdir", str(workdir)], env, expect=1)
+  assert f"{workdir} has no config.json" in proc.stderr

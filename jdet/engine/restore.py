@@ -22,7 +22,8 @@ from jdet.engine import optim
 from jdet.engine.checkpoint import CheckpointDamagedError, Checkpointer
 from jdet.engine.train_state import TrainState
 
-__all__ = ["model_variables", "init_state", "load_initial_weights", "restore_for_eval"]
+__all__ = ["NoCheckpointError", "model_variables", "init_state", "load_initial_weights",
+           "restore_for_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,20 @@ def load_initial_weights(variables: dict[str, Any], init_config: Any) -> dict[st
   weights = getattr(init_config, "weights", "") if init_config is not None else ""
   if not backbone and not weights:
     return variables
+  for name, path in (("weights", weights), ("backbone", backbone)):
+    if path and not os.path.isfile(path):
+      raise NoCheckpointError(f"config.init.{name}: weights file {path} not found")
   from jdet import convert  # torch is only needed for .pth files
   if weights:
     variables = convert.load_model_variables(weights, variables)
   if backbone:
     variables = convert.load_backbone_variables(backbone, variables)
   return variables
+
+
+class NoCheckpointError(FileNotFoundError):
+  """Nothing to evaluate: no run directory, no checkpoint (of that step), no weights file;
+  the message names the path."""
 
 
 def init_state(model, config, sample_batch: dict[str, np.ndarray], *, total_steps: int,
@@ -71,17 +80,25 @@ def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.nda
   """The variables to evaluate: checkpoint ``step`` (default the latest) of
   ``workdir``; with no checkpoint at all, the weights of ``config.init``
   (e.g. converted torchvision weights). Returns ``(variables, step or None)``."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  directory = os.path.join(workdir, "checkpoints")
+  init = config.get("init")
+  has_init = bool(init and (init.get("weights") or init.get("backbone")))
+  # Checked before anything is created or the model initialised (minutes of compiling).
+  if not os.path.isdir(directory) and (step is not None or not has_init):
+    where = (f"no run directory {workdir}" if not os.path.isdir(workdir)
+             else f"no checkpoint in {directory}")
+    if step is not None:
+      raise NoCheckpointError(f"no checkpoint for step {step}: {where}; available steps: []")
+    raise NoCheckpointError(f"{where} and no config.init.weights to evaluate; train first or "
+                            f"pass --config.init.weights=FILE")
+  ckpt = Checkpointer(directory)
   try:
-    # Checked before the model is initialised (seconds to minutes of compiling).
     if step is not None and step not in ckpt.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; "
+      raise NoCheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; "
                               f"available steps: {ckpt.all_steps()}")
-    init = config.get("init")
-    if step is None and ckpt.latest_step() is None:
-      if not (init and (init.get("weights") or init.get("backbone"))):
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
-                                f"to evaluate; train first or pass --config.init.weights=FILE")
+    if step is None and ckpt.latest_step() is None and not has_init:
+      raise NoCheckpointError(f"no checkpoint in {ckpt.directory} and no config.init.weights "
+                              f"to evaluate; train first or pass --config.init.weights=FILE")
     state, _ = init_state(model, config, sample_batch,
                           total_steps=int(config.train.num_steps), load_weights=False)
     if step is None and ckpt.latest_step() is None:

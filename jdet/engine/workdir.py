@@ -12,8 +12,9 @@
   it, so they can read a workdir in use. On file systems without working
   ``flock`` across hosts (some NFS set-ups) the lock protects only against
   runs on the same host.
-* :func:`check_resume` and :func:`record_start`: the resolved config of a run is
-  saved as ``WORKDIR/config.json`` (and every start, with its command line and
+* :func:`check_resume`, :func:`record_start` and :func:`saved_config`: the
+  resolved config of a run is saved as ``WORKDIR/config.json`` (which
+  ``eval.py``, ``predict.py`` and the predictor read when no config is given) (and every start, with its command line and
   what changed, appended to ``WORKDIR/starts.jsonl``). A resume compares the
   new config with the saved one: every difference is listed in one warning;
   a change of :data:`FIXED_FIELDS` (the model, the training data) would make
@@ -44,7 +45,8 @@ from jdet.errors import exception_chain
 
 __all__ = ["RunLock", "WorkdirBusyError", "ConfigChangedError", "DiskFullError",
            "DISK_FULL_STATUS", "FIXED_FIELDS", "LOCK_FILE", "CONFIG_FILE", "STARTS_FILE",
-           "check_resume", "record_start", "config_changes", "disk_full_guard", "is_disk_full"]
+           "check_resume", "record_start", "saved_config", "config_changes", "disk_full_guard",
+           "is_disk_full"]
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,25 @@ def check_resume(workdir: str, config: Any, *, allow_changes: bool = False) -> d
   log.warning("resuming %s with %d config field(s) changed from %s%s:\n%s", workdir,
               len(changes), path, " (allowed)" if fixed else "", "\n".join(lines))
   return changes
+
+
+def saved_config(workdir: str):
+  """The config that ``train.py`` saved in ``workdir`` (``config.json``) as a
+  ``ConfigDict`` (lists as tuples, as the configs write them), or None if there is none."""
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  import ml_collections
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def _tuples(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
 
 
 def record_start(workdir: str, config: Any, *, changes: Mapping | None = None,

@@ -5,7 +5,7 @@
   from jdet.inference.export import export_predictor
   from jdet.inference.predictor import Predictor
 
-  predictor = Predictor.from_workdir("configs/ssd300.py:shapes", "runs/ssd_shapes")
+  predictor = Predictor.from_workdir("runs/ssd_shapes")
   export_predictor(predictor, "ssd_shapes.jdet")
 
   python -m jdet.inference.export --config configs/ssd300.py:shapes --workdir runs/ssd_shapes \\
@@ -193,8 +193,8 @@ def _main() -> None:
   from absl import app, flags
 
   from jdet import cli
-  config = cli.define_flags("run directory of train.py (its checkpoints)", step=True,
-                            weights=True, distributed=False)
+  config = cli.define_flags("run directory of train.py (its checkpoints and config)", step=True,
+                            weights=True, distributed=False, saved_config=True)
   out = flags.DEFINE_string("out", None, "the file to write (e.g. model.jdet)")
   batch = flags.DEFINE_integer("batch_size", 1, "images per call of the exported function")
   score = flags.DEFINE_float("score_threshold", 0.3,
@@ -206,8 +206,10 @@ def _main() -> None:
   def main(argv):
     cli.start(argv)
     from jdet import parallel
-    predictor = cli.predictor_from_flags(config.value, mesh=parallel.make_mesh(jax.devices()[:1]),
-                                         score_threshold=score.value)
+    with cli.exit_on_errors():
+      predictor = cli.predictor_from_flags(config.value,
+                                           mesh=parallel.make_mesh(jax.devices()[:1]),
+                                           score_threshold=score.value)
     meta = export_predictor(predictor, out.value, batch_size=batch.value,
                             platforms=plats.value)
     size = os.path.getsize(out.value)

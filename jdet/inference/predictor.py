@@ -4,7 +4,7 @@
 
   from jdet.inference.predictor import Predictor
 
-  predictor = Predictor.from_workdir("configs/ssd300.py:shapes", "runs/ssd_shapes")
+  predictor = Predictor.from_workdir("runs/ssd_shapes")  # the config its run saved
   result = predictor("photo.jpg")               # or an [H, W, 3] / [H, W] array
   for box, score, name in zip(result.boxes, result.scores, result.names):
     print(name, score, box)                     # box: [x1, y1, x2, y2] in the photo's pixels
@@ -52,6 +52,7 @@ from jdet import parallel
 from jdet.class_names import read_class_names
 from jdet.data import builder, pipeline
 from jdet.data.records import Example, SkipLog, empty_annotations
+from jdet.engine.restore import NoCheckpointError, restore_for_eval
 from jdet.inference.images import ImageReadError, to_rgb8
 
 __all__ = ["Predictor", "ImageDetections", "ImageReadError", "load_config", "to_rgb8"]
@@ -188,24 +189,31 @@ class Predictor:
   # --------------------------------------------------------------------------
 
   @classmethod
-  def from_workdir(cls, config, workdir: str | os.PathLike, *, step: int | None = None,
+  def from_workdir(cls, workdir: str | os.PathLike, *, config=None, step: int | None = None,
                    tta: bool = False, class_names: Sequence[str] | None = None,
                    **kwargs) -> "Predictor":
     """The checkpoint ``step`` (default the latest) of ``train.py``'s ``workdir``.
 
     Args:
-      config: a config object or ``"configs/<model>.py[:variant]"``.
-      workdir: the run directory (``checkpoints/``, ``class_names.json``).
+      workdir: the run directory (``checkpoints/``, ``class_names.json``,
+        ``config.json``).
+      config: a config object or ``"configs/<model>.py[:variant]"``; None: the
+        config the run saved in ``workdir``.
       step: the checkpoint step; None for the latest. Without any checkpoint the
         config's ``init.weights`` are used, as ``eval.py`` does.
       tta: the config's test-time augmentation (``eval.py --tta``).
       class_names: overrides the names found (see the module doc).
       **kwargs: :class:`Predictor`'s keyword arguments.
     """
-    from jdet.engine.restore import restore_for_eval
     from jdet.models import build_model
-    config = load_config(config)
     workdir = os.fspath(workdir)
+    if config is None:
+      from jdet.engine.workdir import CONFIG_FILE, saved_config
+      config = saved_config(workdir)
+      if config is None:
+        raise NoCheckpointError(f"{workdir} has no {CONFIG_FILE} (train.py saves it); give the "
+                                f"config")
+    config = load_config(config)
     mesh = kwargs.pop("mesh", None) or parallel.make_mesh()
     model = build_model(config.model_name, **config.model)
     data_config, predict_fn = _tta(model, config, tta)
@@ -222,6 +230,8 @@ class Predictor:
     ``config``; every variable must be in it (no class layer left initialised)."""
     from jdet import convert
     from jdet.models import build_model
+    if not os.path.isfile(weights):
+      raise NoCheckpointError(f"weights file {os.fspath(weights)} not found")
     config = load_config(config)
     mesh = kwargs.pop("mesh", None) or parallel.make_mesh()
     model = build_model(config.model_name, **config.model)

@@ -284,7 +284,9 @@ def _recording(model, record: dict):
     hungarian_assigner.linear_sum_assignment = solve
 
 
-def _data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype):
+def data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype):
+  """MMDetection's ``DetDataSample`` per image: its ``(h, w)`` inside the padded ``canvas``
+  and, when given, its ground truth (``gt_boxes`` / ``gt_labels`` per image)."""
   from mmdet.structures import DetDataSample
   from mmengine.structures import InstanceData
 
@@ -354,7 +356,7 @@ def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
   out: dict = {}
   record: dict = {}
   with torch.no_grad(), _recording(model, record):
-    samples = _data_samples(image_sizes, canvas, None, None, dtype)
+    samples = data_samples(image_sizes, canvas, None, None, dtype)
     results = model.predict(x, samples, rescale=False)
   out["logits"] = record["logits"]
   out["boxes"] = record["boxes"]
@@ -387,7 +389,7 @@ def run(model, images: np.ndarray, image_sizes: Sequence[tuple[int, int]],
       p.requires_grad_(False)
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(head_grads), _recording(model, record):
-      samples = _data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype)
+      samples = data_samples(image_sizes, canvas, gt_boxes, gt_labels, dtype)
       losses = model.loss(x, samples)
       if head_grads:
         sum(v for k, v in losses.items() if "loss" in k).backward()
