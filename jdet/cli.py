@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from jdet.data import builder
 from jdet.engine import logs
 
-__all__ = ["define_flags", "start", "config_of", "exit_on_errors", "predictor_from_flags"]
+__all__ = ["define_flags", "parse_flags", "start", "config_of", "exit_on_errors", "predictor_from_flags"]
 
 
 def define_flags(workdir_help: str, *, step: bool = False, weights: bool = False,
@@ -62,6 +62,22 @@ def define_flags(workdir_help: str, *, step: bool = False, weights: bool = False
     if name in flags.FLAGS:
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   return config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for :func:`absl.app.run` (``flags_parser=cli.parse_flags``), with a
+  one-line error where a ``--config.a.b=value`` override names no field of the config
+  (ml_collections raises ``AttributeError`` / ``KeyError`` there)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --help to see the flags.")
+  except (AttributeError, KeyError) as e:
+    key = str(e.args[0] if e.args else e).strip("'\"")
+    given = [a for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in given if f".{key}" in a.split("=")[0]] or given
+    sys.exit(f"error: {', '.join(named) or 'an override'}: the config has no field {key!r} "
+             f"(python -m jdet.config SPEC prints its fields)")
 
 
 def start(argv, *, positional: bool = False) -> None:

@@ -223,3 +223,27 @@ def test_a_missing_run_or_weights_file_is_one_line_and_creates_nothing(tmp_path)
   workdir.mkdir()
   proc = run_program([sys.executable, "eval.py", "--workdir", str(workdir)], env, expect=1)
   assert f"{workdir} has no config.json" in proc.stderr
+
+
+def test_config_printer_and_unknown_overrides(tmp_path):
+  env = program_env(None)
+  proc = run_program([sys.executable, "-m", "jdet.config", SMOKE, "--config.train.num_steps=7"],
+                     env)
+  want = ssd300_config.get_config("smoke")
+  want.train.num_steps = 7
+  assert proc.stdout.strip() == str(want).strip()
+  # A run's saved config prints the same.
+  from jdet.engine.workdir import record_start
+  record_start(str(tmp_path), want)
+  saved = run_program([sys.executable, "-m", "jdet.config", str(tmp_path)], env)
+  assert saved.stdout.splitlines()[:3] == str(want).splitlines()[:3]
+  assert "num_steps: 7" in saved.stdout
+  # An override that names no field: one line naming it, for the printer and the programs.
+  for cmd in (["-m", "jdet.config", SMOKE], ["train.py", "--config", SMOKE, "--workdir",
+                                            str(tmp_path / "w")]):
+    bad = run_program([sys.executable, *cmd, "--config.model.norm_epsx=0"], env, expect=1)
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --config.model.norm_epsx=0: the config has no field 'norm_epsx' "
+        "(python -m jdet.config SPEC prints its fields)"), bad.stderr
+    assert "Traceback" not in bad.stderr
+  assert not (tmp_path / "w").exists()

@@ -218,7 +218,7 @@ def _main() -> None:
           f"{[m['canvas'] for m in meta['modules']]}, batch {meta['batch_size']}, "
           f"platforms {meta['platforms']}")
 
-  app.run(main, argv=sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
