@@ -33,7 +33,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["class_colour", "to_uint8", "draw_boxes", "detection_grid", "image_grid", "plot_pr_curves", "save_image"]
+__all__ = ["class_colour", "to_uint8", "draw_boxes", "detection_grid", "image_grid", "plot_pr_curves", "plot_lines",
+           "save_image"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _GOLDEN = 0.6180339887498949
@@ -273,68 +274,103 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: s
   Returns:
     ``[H, W, 3]`` uint8 RGB, for :func:`save_image`.
   """
+  labels = {}
+  for k, name in enumerate(curves):
+    if class_names is not None and name not in class_names:
+      raise ValueError(f"curve {name!r} is not one of the class names")
+    text = name
+    if ap is not None and name in ap:
+      text += " nan" if ap[name] is None or math.isnan(ap[name]) else f" {ap[name]:.3f}"
+    labels[name] = (class_colour(list(class_names).index(name) if class_names is not None
+                                 else k), text)
+  return plot_lines(curves, title=title, size=size, x_label="recall", y_label="precision",
+                    x_range=(0.0, 1.0), y_range=(0.0, 1.0), labels=labels,
+                    tick_format="{:.1f}")
+
+
+def plot_lines(series: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str,
+               x_label: str, y_label: str, size: tuple[int, int] = (480, 640),
+               x_range: tuple[float, float] | None = None,
+               y_range: tuple[float, float] | None = None,
+               labels: dict[str, tuple[tuple[int, int, int], str]] | None = None,
+               tick_format: str = "{:.3g}") -> np.ndarray:
+  """Draws lines ``{name: (x [N], y [N])}`` on white axes, with a legend in the lower left.
+
+  Args:
+    series: the lines; points with a NaN are left out (the line breaks there).
+    title, x_label, y_label: written above the axes and beside them.
+    size: ``(H, W)`` of the image.
+    x_range, y_range: the axes' ``(low, high)``; by default the finite data's
+      extent (y with 5 % room above and below).
+    labels: ``{name: (colour, legend text)}``; by default the ``k``-th line takes
+      :func:`class_colour` ``(k)`` and its name.
+    tick_format: how the six ticks of each axis are written.
+  Returns:
+    ``[H, W, 3]`` uint8 RGB, for :func:`save_image`.
+  """
   h, w = size
   out = np.full((h, w, 3), 255, np.uint8)
   scale = _font_scale((h, w))
-  (tick_w, th), baseline = cv2.getTextSize("0.0", _FONT, scale, 1)
+  lows = (x_range, y_range)
+  xs = [np.asarray(x, np.float64).reshape(-1) for x, _ in series.values()]
+  ys = [np.asarray(y, np.float64).reshape(-1) for _, y in series.values()]
+  for name, x, y in zip(series, xs, ys):
+    if x.shape != y.shape:
+      raise ValueError(f"{name}: x {x.shape} and y {y.shape} differ")
+  (xa, xb), (ya, yb) = [r if r is not None else _extent(v, room=0.05 * k)
+                        for k, (r, v) in enumerate(zip(lows, (xs, ys)))]
+  ticks_x, ticks_y = np.linspace(xa, xb, 6), np.linspace(ya, yb, 6)
+  tick_text = [tick_format.format(v) for v in np.concatenate([ticks_x, ticks_y])]
+  (tick_w, th), baseline = cv2.getTextSize(max(tick_text[6:], key=len), _FONT, scale, 1)
   line_h = th + baseline
   # The plot box: room for the title above, tick labels and axis names left and below.
   x0, y0 = tick_w + line_h + 18, line_h + 14
-  x1, y1 = w - 16, h - 2 * line_h - 16
+  x1, y1 = w - max(16, _text_width(tick_text[5], scale) // 2 + 4), h - 2 * line_h - 16
   if x1 - x0 < 40 or y1 - y0 < 40:
     raise ValueError(f"size {size} leaves no room for the axes")
 
-  def to_pixels(recall, precision) -> np.ndarray:  # [N] + [N] -> [N, 2] float
-    r = np.clip(np.asarray(recall, np.float64), 0.0, 1.0)
-    p = np.clip(np.asarray(precision, np.float64), 0.0, 1.0)
-    return np.stack([x0 + r * (x1 - x0), y1 - p * (y1 - y0)], axis=-1)
+  def to_pixels(x, y) -> np.ndarray:  # [N] + [N] -> [N, 2] float
+    u = np.clip((np.asarray(x, np.float64) - xa) / (xb - xa), 0.0, 1.0)
+    v = np.clip((np.asarray(y, np.float64) - ya) / (yb - ya), 0.0, 1.0)
+    return np.stack([x0 + u * (x1 - x0), y1 - v * (y1 - y0)], axis=-1)
 
-  ticks = np.arange(6) / 5
-  for v in ticks[1:-1]:  # light grid
-    (gx, gy), = to_pixels([v], [v])
+  for gx, gy in to_pixels(ticks_x, ticks_y)[1:-1]:  # light grid
     out[y0:y1, int(round(gx))] = 225
     out[int(round(gy)), x0:x1] = 225
 
   entries = []
-  for k, (name, (recall, precision)) in enumerate(curves.items()):
-    if class_names is not None and name not in class_names:
-      raise ValueError(f"curve {name!r} is not one of the class names")
-    colour = class_colour(list(class_names).index(name) if class_names is not None else k)
-    recall = np.asarray(recall, np.float64).reshape(-1)
-    precision = np.asarray(precision, np.float64).reshape(-1)
-    if recall.shape != precision.shape:
-      raise ValueError(f"{name}: recall {recall.shape} and precision {precision.shape} differ")
-    points = to_pixels(recall, precision)
-    finite = np.isfinite(recall) & np.isfinite(precision)
+  for k, (name, x, y) in enumerate(zip(series, xs, ys)):
+    colour, text = (labels or {}).get(name, (class_colour(k), name))
+    points = to_pixels(x, y)
+    finite = np.isfinite(x) & np.isfinite(y)
     # Runs of finite points; cv2 takes 1/16-pixel vertices with shift=4.
     for run in np.split(np.arange(len(points)), np.flatnonzero(np.diff(finite.astype(int))) + 1):
       if finite[run].all() and len(run):
         vertices = np.round(points[run] * 16).astype(np.int32)
         cv2.polylines(out, [vertices], False, colour, 2, cv2.LINE_AA, shift=4)
-    text = name
-    if ap is not None and name in ap:
-      text += " nan" if ap[name] is None or math.isnan(ap[name]) else f" {ap[name]:.3f}"
+        if len(run) == 1:  # a lone point: a dot
+          cv2.circle(out, tuple(int(v) for v in vertices[0]), 3 * 16, colour, -1, cv2.LINE_AA,
+                     shift=4)
     entries.append((colour, text))
 
   black = (0, 0, 0)
   cv2.rectangle(out, (x0, y0), (x1, y1), black, 1)
-  for v in ticks:
-    (tx, ty), = np.round(to_pixels([v], [v])).astype(int)
-    label = f"{v:.1f}"
+  pixels = np.round(to_pixels(ticks_x, ticks_y)).astype(int)
+  for (tx, ty), label_x, label_y in zip(pixels, tick_text[:6], tick_text[6:]):
     cv2.line(out, (tx, y1), (tx, y1 + 4), black, 1)
-    cv2.putText(out, label, (tx - _text_width(label, scale) // 2, y1 + 6 + th), _FONT, scale,
+    cv2.putText(out, label_x, (tx - _text_width(label_x, scale) // 2, y1 + 6 + th), _FONT, scale,
                 black, 1, cv2.LINE_AA)
     cv2.line(out, (x0 - 4, ty), (x0, ty), black, 1)
-    cv2.putText(out, label, (x0 - 6 - _text_width(label, scale), ty + th // 2), _FONT, scale,
+    cv2.putText(out, label_y, (x0 - 6 - _text_width(label_y, scale), ty + th // 2), _FONT, scale,
                 black, 1, cv2.LINE_AA)
-  name_w = _text_width("recall", scale)
-  cv2.putText(out, "recall", ((x0 + x1 - name_w) // 2, y1 + 10 + 2 * th + baseline), _FONT,
+  name_w = _text_width(x_label, scale)
+  cv2.putText(out, x_label, ((x0 + x1 - name_w) // 2, y1 + 10 + 2 * th + baseline), _FONT,
               scale, black, 1, cv2.LINE_AA)
-  # "precision" written on its own strip, turned a quarter anticlockwise, left of the ticks.
-  name_w = _text_width("precision", scale)
+  # The y axis' name written on its own strip, turned a quarter anticlockwise, left of the ticks.
+  name_w = _text_width(y_label, scale)
   strip = np.full((line_h + 2, name_w + 2, 3), 255, np.uint8)
-  cv2.putText(strip, "precision", (1, th + 1), _FONT, scale, black, 1, cv2.LINE_AA)
-  strip = np.rot90(strip)
+  cv2.putText(strip, y_label, (1, th + 1), _FONT, scale, black, 1, cv2.LINE_AA)
+  strip = np.rot90(strip)[:h]
   top = max((y0 + y1 - strip.shape[0]) // 2, 0)
   out[top:top + strip.shape[0], 4:4 + strip.shape[1]] = strip[:h - top]
   title_w = _text_width(title, scale)
@@ -343,6 +379,19 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: s
   if entries:
     _legend(out, entries, (x0, y0, x1, y1), scale)
   return out
+
+
+def _extent(values: Sequence[np.ndarray], *, room: float) -> tuple[float, float]:
+  """``(low, high)`` of the finite values (``room`` of the span added at both ends); a
+  span of at least 1e-9."""
+  finite = np.concatenate([v[np.isfinite(v)] for v in values] or [np.zeros(0)])
+  if not finite.size:
+    return 0.0, 1.0
+  low, high = float(finite.min()), float(finite.max())
+  pad = max(high - low, 1e-9) * room
+  if high - low < 1e-9:
+    return low - 0.5, high + 0.5
+  return low - pad, high + pad
 
 
 def save_image(path: str | os.PathLike, image) -> str:
