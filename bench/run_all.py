@@ -3,7 +3,7 @@
   python bench/run_all.py --device cpu --budget_s 480                  # this 2-core CPU
   python bench/run_all.py --device cuda --dtype bfloat16 --budget_s 480  # a GPU machine
   python bench/run_all.py --dry_run                                    # seconds: every path, tiny
-  python bench/run_all.py --readme                                     # README tables from results
+  python bench/run_all.py --readme                                     # bench/README.md's tables
 
 Runs the cases of every benchmark program in ``bench/`` (their ``suite()``
 functions), each beside its peer, in this order of priority: SSD300 against
@@ -45,7 +45,7 @@ the compiled step; on a GPU also the process's peak, and
 
 Results: ``bench/results/<device>.json`` and ``.md`` (the device, driver,
 library versions, load average, batch and input sizes, every timing); with
-``--update_readme`` (or ``--readme`` alone) the README's section between
+``--update_readme`` (or ``--readme`` alone) the section of ``bench/README.md`` between
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is rewritten from every
 ``bench/results/*.json`` this program wrote.
 """
@@ -71,7 +71,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
   sys.path.insert(0, str(BENCH))
 
-README = BENCH.parent / "README.md"
+README = BENCH / "README.md"  # the generated section lives in bench/README.md
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # The programs, in order of priority (a short budget drops the last cases first).
 PROGRAMS = ("ssd", "refinedet", "faster_rcnn", "sparse_rcnn", "ops", "data")
@@ -276,7 +276,7 @@ def _md_row(cells, empty: int = 0) -> str:
 
 
 def markdown(result: dict) -> str:
-  """The results as Markdown tables (the README's section is made of these)."""
+  """The results as Markdown tables (bench/README.md's generated section is made of these)."""
   m, s = result["machine"], result["settings"]
   peak = m.get("peak_flops")
   threads = (f", {s['cpu_threads']} thread per side" if s.get("cpu_threads") == 1 else
@@ -365,7 +365,7 @@ def write(out: Path, stem: str, result: dict) -> None:
 
 
 def readme_section(results_dir: Path) -> str:
-  """The README's generated section: one block per results file this program wrote."""
+  """bench/README.md's generated section: one block per results file this program wrote."""
   blocks = []
   for path in sorted(results_dir.glob("*.json")):
     try:
@@ -418,9 +418,9 @@ def parse_args(argv=None):
                       help="results folder (default bench/results; a temporary one for --dry_run)")
   parser.add_argument("--note", default="", help="a remark stored with the results")
   parser.add_argument("--update_readme", action="store_true",
-                      help="rewrite the README's generated section after the run")
+                      help="rewrite the generated section of bench/README.md after the run")
   parser.add_argument("--readme", action="store_true",
-                      help="only rewrite the README's section from the results, run nothing")
+                      help="only rewrite bench/README.md's section from the results, run nothing")
   args = parser.parse_args(argv)
   programs = [p.strip() for p in args.only.split(",") if p.strip()] or list(PROGRAMS)
   unknown = sorted(set(programs) - set(PROGRAMS))

@@ -1,6 +1,6 @@
 """``bench/run_all.py``: the GPU command, proved on the CPU by a dry run, and its pieces.
 
-The dry run takes the README's exact GPU command (``--device cuda --dtype
+The dry run takes bench/README.md's exact GPU command (``--device cuda --dtype
 bfloat16``), adds ``--dry_run`` and runs it in this process: without a GPU its
 cases run on the CPU, with the same models, conversions and peers (torchvision,
 MMDetection) on tiny inputs, jdet's steps traced and lowered in bfloat16, each
@@ -25,10 +25,10 @@ import run_all  # noqa: E402  (bench/run_all.py)
 
 
 def _gpu_command() -> list[str]:
-  """The arguments of the README's one-line GPU command."""
-  lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+  """The arguments of bench/README.md's one-line GPU command."""
+  lines = [line.strip() for line in (ROOT / "bench" / "README.md").read_text().splitlines()
            if line.strip().startswith("python bench/run_all.py") and "--device cuda" in line]
-  assert len(lines) == 1, f"the README should give one GPU command, found {lines}"
+  assert len(lines) == 1, f"bench/README.md should give one GPU command, found {lines}"
   words = shlex.split(lines[0])
   assert words[:2] == ["python", "bench/run_all.py"]
   return words[2:]
