@@ -21,11 +21,13 @@ import sys
 from absl import app, flags
 
 from jdet import cli
+from jdet.inference.predictor import DEFAULT_SCORE_THRESHOLD
 
 _CONFIG = cli.define_flags("run directory of train.py (its checkpoints and config)", step=True,
                            weights=True, distributed=False, saved_config=True)
 _OUT = flags.DEFINE_string("out", "predictions", "output folder")
-_SCORE = flags.DEFINE_float("score_threshold", 0.3, "leave out detections scoring below this")
+_SCORE = flags.DEFINE_float("score_threshold", DEFAULT_SCORE_THRESHOLD,
+                            "leave out detections scoring below this")
 _TTA = flags.DEFINE_bool("tta", False, "the config's test-time augmentation (SSD, RefineDet)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per batch (default data.eval_batch_size)")
 

@@ -1,6 +1,6 @@
 """Operator benchmark: jdet against torchvision / scipy on the same machine and inputs.
 
-  python bench/ops.py            # full sizes (the README's table)
+  python bench/ops.py            # full sizes (bench/README.md's table)
   python bench/ops.py --small    # a quick run on small inputs
   python bench/ops.py --json out.json
 

@@ -243,7 +243,7 @@ def shapes_data(*, image_size: int = 128, num_train: int = 2048, num_val: int = 
 # its pixels visible. With half (``min_visible=0.5``, the generator's default)
 # a large share of the boxes, which cover the whole shape, are guesses about
 # hidden parts; the variants take ``min_visible=`` as an option to train and
-# evaluate on that harder split (see the README for both).
+# evaluate on that harder split (see docs/results.md for both).
 SHAPES_MIN_VISIBLE = 0.75
 
 

@@ -47,8 +47,7 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
 
   Alone on 2 cores (41 images/s) it passes AP 0.65 and AP50 0.90 at step
   10,000 (34 minutes) and ends at AP 0.759 / AP50 0.927 (51 minutes). The
-  curve and the measurements behind these settings are in the README's
-  results.
+  curve and the measurements behind these settings are in docs/results.md.
 
 * ``custom``: your own data, VOC or COCO layout, with this config's recipe
   (``recipe=coco``, the default, or ``shapes`` / ``smoke``) and the class count

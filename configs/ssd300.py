@@ -66,7 +66,7 @@ VGG_MEAN, VGG_STD = (123.0, 117.0, 104.0), (1.0, 1.0, 1.0)
 # pass for the large objects, the base pass for all, an enlarged pass for the
 # small ones (size ranges on sqrt(box area) in original pixels), each with its
 # mirror image, merged by box voting. Chosen on the shapes validation split
-# with RefineDet320:shapes (see the README); the paper's six scales with these
+# with RefineDet320:shapes (see docs/results.md); the paper's six scales with these
 # objects help less (more passes, more false positives).
 def shapes_tta(config: ml_collections.ConfigDict) -> None:
   config.tta.update(scales=(0.6, 1.0, 1.4), size_ranges=((48, None), (0, None), (0, 32)),

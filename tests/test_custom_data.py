@@ -266,7 +266,8 @@ def test_train_and_eval_on_custom_data(name, fmt, voc_tree, coco_files, env, tmp
     from jdet import parallel
     # One device, as eval.py ran (the suite simulates four: another split of the batch
     # changes the last bits of the boxes).
-    predictor = Predictor.from_workdir(workdir, config=config, mesh=parallel.make_mesh(jax.devices()[:1]))
+    predictor = Predictor.from_workdir(workdir, config=config, score_threshold=0.0,
+                                       mesh=parallel.make_mesh(jax.devices()[:1]))
     assert predictor.class_names == ("raccoon",)
     source = VocSource(voc_tree, "val")
     results = predictor([str(source.path(i)) for i in range(len(source))])
@@ -316,7 +317,8 @@ def test_a_run_remembers_its_config_after_the_data_moved(voc_tree, env, tmp_path
   import jax
   from jdet import parallel
   from jdet.inference.predictor import Predictor
-  predictor = Predictor.from_workdir(workdir, mesh=parallel.make_mesh(jax.devices()[:1]))
+  predictor = Predictor.from_workdir(workdir, score_threshold=0.0,
+                                     mesh=parallel.make_mesh(jax.devices()[:1]))
   results = predictor([str(p) for p in sorted(photos.iterdir())])
   mine = [d for i, r in enumerate(results) for d in r.to_coco(ids[i])]
 

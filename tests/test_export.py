@@ -153,7 +153,7 @@ def exported(tmp_path_factory):
     model = build_model(config.model_name, **config.model)
     names = _config_class_names(config)
     predictor = Predictor(model, parallel.replicate(_variables(model, seed), mesh), config.data,
-                          names, mesh=mesh, batch_size=BATCH)
+                          names, mesh=mesh, batch_size=BATCH, score_threshold=0.0)
     want[name] = predictor(images)
     path = folder / f"{name}.jdet"
     metas[name] = export_predictor(predictor, path, batch_size=BATCH)
@@ -285,7 +285,7 @@ def test_wrong_platform_is_refused(tmp_path):
   model = build_model("ssd", **config.model)
   mesh = parallel.make_mesh(jax.devices()[:1])
   predictor = Predictor(model, _variables(model, 0), config.data, ("a",) * 5, mesh=mesh,
-                        batch_size=1)
+                        batch_size=1, score_threshold=0.0)
   export_predictor(predictor, tmp_path / "gpu.jdet", platforms=("cuda",))
   with pytest.raises(ExportedFileError, match=r"gpu\.jdet: exported for \['cuda'\], not for "
                                               r"this machine's 'cpu'"):

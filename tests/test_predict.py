@@ -89,7 +89,7 @@ def test_boxes_in_original_pixels(recipe, rng):
   stub = _Stub()
   fresh = jax.jit(lambda v, batch: stub.apply(v, batch, method="predict"))  # its own cache
   predictor = Predictor(stub, {}, data, ("thing",), mesh=_one_device(), batch_size=2,
-                        predict_fn=fresh)
+                        predict_fn=fresh, score_threshold=0.0)
   images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in SIZES]
   images[3] = images[3][..., 0]  # greyscale [H, W]
   results = predictor(images)
@@ -147,8 +147,10 @@ def test_from_weights_round_trip_and_class_count(tmp_path):
   convert.save_params_npz(tmp_path / "ssd.npz", variables)
   image = np.asarray(Image.open(REPO.parent / "shared" / "data" / "raccoon" / "JPEGImages"
                                 / "raccoon-1.jpg").convert("RGB"))
-  direct = Predictor(model, variables, config.data, ("a",) * 5, mesh=_one_device())(image)
-  loaded = Predictor.from_weights(config, tmp_path / "ssd.npz", mesh=_one_device())
+  direct = Predictor(model, variables, config.data, ("a",) * 5, mesh=_one_device(),
+                     score_threshold=0.0)(image)
+  loaded = Predictor.from_weights(config, tmp_path / "ssd.npz", mesh=_one_device(),
+                                  score_threshold=0.0)
   assert loaded.class_names == ("ellipse", "rectangle", "triangle", "star", "cross")
   got = loaded(image)
   np.testing.assert_array_equal(got.boxes, direct.boxes)
@@ -236,7 +238,8 @@ def test_tta_gives_what_the_evaluation_loop_gives(tmp_path):
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3))))(jax.random.key(1))
   convert.save_params_npz(tmp_path / "w.npz", variables)
   mesh = _one_device()
-  predictor = Predictor.from_weights(config, tmp_path / "w.npz", tta=True, mesh=mesh)
+  predictor = Predictor.from_weights(config, tmp_path / "w.npz", tta=True, mesh=mesh,
+                                     score_threshold=0.0)
   settings = tta.TTASettings.from_config(config.tta).resolve(model)
   result = eval_loop.evaluate_split(
       model, parallel.replicate(variables, mesh), tta.tta_data_config(config.data, settings),
@@ -252,3 +255,20 @@ def test_tta_gives_what_the_evaluation_loop_gives(tmp_path):
   for a, b in zip(sorted(mine, key=order), want):
     assert (a["image_id"], a["category_id"], a["score"], a["bbox"]) == \
         (b["image_id"], b["category_id"], b["score"], b["bbox"])
+
+
+def test_weights_without_their_data_carry_the_data_sets_class_names():
+  """COCO or VOC weights used where that data is not (the configs point at data/...):
+  the predictor names the classes as the data set does, not "class 0" ..."""
+  from jdet.class_names import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+  from jdet.data.voc import VOC_CLASSES
+  from jdet.inference.predictor import _config_class_names
+  coco = faster_rcnn_r50_fpn.get_config("coco")
+  assert not os.path.exists(coco.data.val.annotation_file)
+  names = _config_class_names(coco)
+  assert names == tuple(COCO_CLASS_NAMES) and len(names) == len(COCO_CATEGORY_IDS) == 80
+  assert names[0] == "person" and names[-1] == "toothbrush"
+  assert _config_class_names(ssd300.get_config("voc")) == tuple(VOC_CLASSES)
+  other = ssd300.get_config("coco")
+  other.model.num_classes = 3  # not COCO's classes any more: numbered
+  assert _config_class_names(other) == ("class 0", "class 1", "class 2")

@@ -197,7 +197,8 @@ def _main() -> None:
                             weights=True, distributed=False, saved_config=True)
   out = flags.DEFINE_string("out", None, "the file to write (e.g. model.jdet)")
   batch = flags.DEFINE_integer("batch_size", 1, "images per call of the exported function")
-  score = flags.DEFINE_float("score_threshold", 0.3,
+  from jdet.inference.predictor import DEFAULT_SCORE_THRESHOLD
+  score = flags.DEFINE_float("score_threshold", DEFAULT_SCORE_THRESHOLD,
                              "the loader's default threshold (it can change it)")
   plats = flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                             "platforms to lower for (cpu, cuda, rocm, tpu)")

@@ -55,11 +55,14 @@ from jdet.data.records import Example, SkipLog, empty_annotations
 from jdet.engine.restore import NoCheckpointError, restore_for_eval
 from jdet.inference.images import ImageReadError, to_rgb8
 
-__all__ = ["Predictor", "ImageDetections", "ImageReadError", "load_config", "to_rgb8"]
+__all__ = ["Predictor", "ImageDetections", "ImageReadError", "load_config", "to_rgb8",
+           "DEFAULT_SCORE_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
 ImageInput = Any  # str | os.PathLike | np.ndarray
+# The score below which predict.py, the Predictor and the exported loader leave a detection out.
+DEFAULT_SCORE_THRESHOLD = 0.3
 
 
 @dataclasses.dataclass
@@ -157,13 +160,15 @@ class Predictor:
     batch_size: images per compiled batch (default ``data.eval_batch_size``);
       a multiple of the number of devices.
     score_threshold: detections scoring below it are left out (the model's own
-      threshold applies first).
+      threshold applies first); :data:`DEFAULT_SCORE_THRESHOLD` (0.3) as
+      ``predict.py`` and the exported loader; 0 keeps every detection, as ``eval.py``.
     predict_fn: a jitted ``(variables, batch) -> Detections`` (default the
       model's ``predict``; :mod:`jdet.evaluation.tta` gives the TTA one).
   """
 
   def __init__(self, model, variables, data_config, class_names: Sequence[str], *,
-               mesh=None, batch_size: int | None = None, score_threshold: float = 0.0,
+               mesh=None, batch_size: int | None = None,
+               score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                predict_fn: Callable | None = None):
     self.model = model
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -382,11 +387,22 @@ def _sample_batch(data_config) -> dict[str, np.ndarray]:
 
 def _config_class_names(config) -> tuple[str, ...]:
   """Class names from the config: ``data.class_names``, else its validation data, else
-  ``class i`` for the model's ``num_classes``."""
+  (no data here: COCO or VOC weights on a laptop) the COCO or VOC classes where the
+  config's validation data is that data set with its class count, else ``class i`` for
+  the model's ``num_classes``."""
   if "class_names" in config.data and config.data.class_names:
     return tuple(config.data.class_names)
   try:
     return tuple(builder.build_source(config.data, "val").class_names)
-  except Exception as e:  # no data here (e.g. COCO weights on a laptop): numbered names
+  except Exception as e:
+    from jdet.class_names import COCO_CLASS_NAMES
+    from jdet.data.voc import VOC_CLASSES
+    num_classes = int(config.model.num_classes)
+    kind = config.data.get("val", {}).get("kind")
+    known = {"coco": COCO_CLASS_NAMES, "voc": VOC_CLASSES}.get(kind, ())
+    if len(known) == num_classes:
+      log.info("the config's validation data cannot be read (%s); using the %s class names",
+               e, kind.upper())
+      return tuple(known)
     log.info("no class names (the config's validation data: %s); using numbers", e)
-    return tuple(f"class {i}" for i in range(int(config.model.num_classes)))
+    return tuple(f"class {i}" for i in range(num_classes))
