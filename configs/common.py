@@ -96,6 +96,36 @@ COCO_CANVAS = (1344, 1344)
 COCO_BUCKETS = ((832, 1344), (1344, 832))
 
 
+class Options(dict):
+  """A config's options (``key=value`` and flags after the variant), remembering which
+  keys the config looked at, so that :func:`check_options` can refuse the others."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.read: set[str] = set()
+
+  def get(self, key, default=None):
+    self.read.add(key)
+    return super().get(key, default)
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+  def __contains__(self, key) -> bool:
+    self.read.add(key)
+    return super().__contains__(key)
+
+
+def check_options(options: "Options", variant: str) -> None:
+  """Refuses the options the variant never looked at (a typo, or another variant's),
+  naming the ones it knows."""
+  unknown = sorted(set(options) - options.read)
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for the {variant!r} variant; it takes "
+                     f"{sorted(options.read) or 'none'}")
+
+
 def parse_variant(arg: str | None, variants: Sequence[str], *,
                   default: str) -> tuple[str, dict[str, str]]:
   """Splits a config argument ``"name[,key=value,...]"`` into the variant and its options.
@@ -108,7 +138,7 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
   """
   parts = [p.strip() for p in (arg or "").split(",")] if arg else []
   name = parts[0] if parts and "=" not in parts[0] else default
-  options = {}
+  options: dict[str, str] = {}
   for p in parts[1:] if parts and "=" not in parts[0] else parts:
     key, sep, value = p.partition("=")
     if not key or (sep and not key.strip()):
@@ -116,7 +146,7 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
     options[key.strip()] = value.strip() if sep else "true"  # a bare word is a flag
   if name not in variants:
     raise ValueError(f"unknown config variant {name!r}; choose one of {list(variants)}")
-  return name, options
+  return name, Options(options)
 
 
 def start_config(model_name: str, arg: str | None, variants: Sequence[str], get_config, *,

@@ -108,8 +108,9 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
         # validation split then overlaps 3.9 anchors by IoU >= 0.5 on average, all but 0.9 %
         # at least one (strides 8 .. 64 with anchors of 2x the stride: 1.4, and 30 % none).
         conv3_3_l2norm_scale=10.0, strides=(4, 8, 16, 32, 64), anchor_scale=3.0)
-    ssd = ssd300.get_config(arg)  # "shapes" with the same options
+    ssd = ssd300.get_config(arg)  # "shapes" with the same options (which it checks)
     config.data, config.tta, config.optim, config.train = ssd.data, ssd.tta, ssd.optim, ssd.train
+    return config
   else:  # smoke: maps 8, 4, 2, 1
     config.model = common.model_section(
         "refinedet", num_classes=5, image_size=64, **_narrow(4), fc6_dilation=1,
@@ -120,4 +121,5 @@ def get_config(arg: str | None = None, *, size: int = 320) -> ml_collections.Con
     config.optim = ssd300.optim(lr=0.01, milestones=(), warmup_steps=2)
     config.train = ssd300.train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
     config.eval.num_draw = 4
+  common.check_options(options, variant)
   return config

@@ -149,4 +149,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim = optim(lr=1e-3, milestones=(), warmup_steps=2)
     config.train = common.train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
     config.eval.num_draw = 4
+  common.check_options(options, variant)
   return config

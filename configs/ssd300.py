@@ -166,4 +166,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim = optim(lr=0.01, milestones=(), warmup_steps=2)
     config.train = train(num_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
     config.eval.num_draw = 4
+  common.check_options(options, variant)
   return config
