@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from jdet.engine import restore, training
 from jdet.data.builder import ConfigError
+from jdet.engine import restore, training
 
 from configs import ssd300 as ssd300_config
 from tests.helpers.faults import flip_bytes, largest_file, truncate_file

@@ -68,9 +68,9 @@ import numpy as np
 
 # tfds's coco label k is the k-th of the 80 categories in id order.
 from jdet.class_names import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
-from jdet.errors import exception_chain
 from jdet.data.images import decode_image, orient_boxes, probe_image
 from jdet.data.records import Example, SkipLog, clean_boxes
+from jdet.errors import exception_chain
 
 __all__ = ["TfdsSource", "tfds_annotations", "TensorFlowRequiredError"]
 

@@ -27,7 +27,11 @@
    the update of that step is skipped on the device, and no checkpoint is
    written after it.
 
-The config is checked first (:func:`check_config`), before anything is built.
+The config is checked first (:func:`check_config`), before anything is built;
+then the run takes the workdir (:mod:`jdet.engine.workdir`: its lock, the saved
+config compared with this one on a resume, ``config.json`` and ``starts.jsonl``
+written). A full disk while writing stops the run with
+:class:`~jdet.engine.workdir.DiskFullError`, the incomplete checkpoint removed.
 """
 
 from __future__ import annotations
@@ -45,17 +49,17 @@ import numpy as np
 import optax
 
 from jdet import parallel
-from jdet.engine.checkpoint import Checkpointer
-from jdet.engine.restore import init_state
-from jdet.engine import logs
-from jdet.engine import workdir as workdir_lib
-from jdet.engine.signals import StopRequest
 from jdet.class_names import write_class_names
 from jdet.data import builder, pipeline, records
-from jdet.evaluation import loop as eval_loop
+from jdet.engine import logs
+from jdet.engine import workdir as workdir_lib
+from jdet.engine.checkpoint import Checkpointer
 from jdet.engine.metrics import MetricWriter, ProgressBar
-from jdet.models import build_model
+from jdet.engine.restore import init_state
+from jdet.engine.signals import StopRequest
 from jdet.engine.train_state import TrainState
+from jdet.evaluation import loop as eval_loop
+from jdet.models import build_model
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "make_train_step", "TrainResult",
            "check_config"]

@@ -40,8 +40,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jdet.inference import exported as exported_lib
 from jdet.data import transforms as T
+from jdet.inference import exported as exported_lib
 
 __all__ = ["export_predictor", "preprocess_spec", "DEFAULT_PLATFORMS"]
 

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 import jdet
-from jdet.engine import training
 from jdet.data import builder, images, pipeline, records
 from jdet.data.coco import CocoSource
 from jdet.data.records import DataReport, SkipLog
+from jdet.engine import training
 
 from configs import ssd300 as ssd300_config
 

@@ -25,14 +25,14 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import box_iou
 
 import jdet
-from jdet.engine import optim
 from jdet.data import builder, pipeline
+from jdet.engine import optim
+from jdet.engine.train_state import TrainState
+from jdet.engine.training import make_train_step
 from jdet.models.faster_rcnn import (FasterRCNN, Proposals, decode_detections, rcnn_loss,
                                      rcnn_targets, rpn_loss, rpn_proposals, rpn_targets)
 from jdet.ops.anchors import multilevel_grid_anchors
 from jdet.testing import assert_traces_once, random_boxes
-from jdet.engine.train_state import TrainState
-from jdet.engine.training import make_train_step
 
 from configs import faster_rcnn_r50_fpn as frcnn_config
 from tests.helpers.references import best_iou_per_object

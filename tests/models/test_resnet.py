@@ -26,10 +26,10 @@ import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
 
 from jdet import parallel
-from jdet.engine import optim
 from jdet.convert import resnet_params
-from jdet.models.backbones.resnet import ResNet
+from jdet.engine import optim
 from jdet.engine.train_state import TrainState
+from jdet.models.backbones.resnet import ResNet
 from tests.helpers.images import photo_batch
 from tests.helpers.references import assert_close
 from tests.helpers.torch_models import state_dict_numpy, to_nchw, to_nhwc, torch_resnet

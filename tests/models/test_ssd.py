@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 import jdet
-from jdet.engine import optim
 from jdet.data import builder, pipeline
+from jdet.engine import optim
+from jdet.engine.train_state import TrainState
+from jdet.engine.training import make_train_step
 from jdet.models.backbones.vgg import SSD512_EXTRAS
 from jdet.models.ssd import SSD, ssd_loss, ssd_targets
 from jdet.ops.anchors import ssd_sizes
 from jdet.testing import assert_traces_once
-from jdet.engine.train_state import TrainState
-from jdet.engine.training import make_train_step
 
 from configs import ssd300 as ssd300_config
 from tests.helpers.references import best_iou_per_object
