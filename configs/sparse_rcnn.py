@@ -34,7 +34,7 @@ Variants (the part after ``:``; options follow a comma, e.g. ``coco,root=data/co
 
     python eval.py --config configs/sparse_rcnn.py:coco,root=data/coco,1x \\
         --workdir runs/sparse_rcnn_mmdet \\
-        --config.init.weights=sparse-rcnn_r50_fpn_1x_coco_20201222_214453-dc79b137.pth
+        --config.init.weights=sparse_rcnn_r50_fpn_1x_coco_20201222_214453-dc79b137.pth
 
 * ``shapes``: the CPU quick start, from scratch on the generated shapes
   (5 classes, 128x128, 1 to 6 objects an image): a narrow ResNet-18 with

@@ -145,8 +145,8 @@ def resolve(spec: str, overrides: list[str]):
 
 def test_the_commands_are_found():
   sources = {s for s, _, _ in COMMANDS}
-  assert {"README.md", "docs/custom_data.md", "docs/raccoon.md", "configs/ssd300.py",
-          "configs/sparse_rcnn.py"} <= sources
+  assert {"README.md", "docs/custom_data.md", "docs/raccoon.md", "docs/model_zoo.md",
+          "configs/ssd300.py", "configs/sparse_rcnn.py"} <= sources
   assert len(COMMANDS) >= 40
 
 
@@ -202,6 +202,8 @@ def _reference_file(name: str, folder: Path) -> Path:
                                                                  weights_backbone=None)
   elif name.startswith("resnet50"):
     model = torchvision.models.resnet50(weights=None)
+  elif name.startswith("resnet101"):
+    model = torchvision.models.resnet101(weights=None)
   elif name.startswith("sparse"):
     from tests.oracles import mmdet_sparse_rcnn
     if not mmdet_sparse_rcnn.available():
