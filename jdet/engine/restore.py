@@ -88,7 +88,8 @@ def restore_for_eval(model, config, workdir: str, sample_batch: dict[str, np.nda
     where = (f"no run directory {workdir}" if not os.path.isdir(workdir)
              else f"no checkpoint in {directory}")
     if step is not None:
-      raise NoCheckpointError(f"no checkpoint for step {step}: {where}; available steps: []")
+      raise NoCheckpointError(f"no checkpoint for step {step} in {directory} ({where}); "
+                              f"available steps: []")
     raise NoCheckpointError(f"{where} and no config.init.weights to evaluate; train first or "
                             f"pass --config.init.weights=FILE")
   ckpt = Checkpointer(directory)
