@@ -61,7 +61,7 @@ into this file.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import dataclasses
 import json
@@ -150,17 +150,19 @@ def parse_variant(arg: str | None, variants: Sequence[str], *,
 
 
 def start_config(model_name: str, arg: str | None, variants: Sequence[str], get_config, *,
-                 default: str = "coco") -> tuple[ConfigDict, str, dict[str, str]]:
+                 default: str = "coco",
+                 small=None) -> tuple[ConfigDict, str, dict[str, str]]:
   """``(config, variant, options)`` for a model config's ``get_config(arg)``.
 
   For the ``custom`` variant the config is finished (:func:`custom_config` of
   ``get_config``); otherwise it holds the sections every variant shares
   (``model_name``, ``init``: no weights, ``eval``: COCO AP and 16 drawn images)
-  and the variant adds ``model``, ``data``, ``optim`` and ``train``.
+  and the variant adds ``model``, ``data``, ``optim`` and ``train``. ``small`` is the
+  model's small-data recipe (:func:`custom_config`'s ``recipe=small``).
   """
   variant, options = parse_variant(arg, variants, default=default)
   if variant == "custom":  # your own data
-    return custom_config(get_config, options), variant, options
+    return custom_config(get_config, options, small=small), variant, options
   config = ConfigDict()
   config.model_name = model_name
   config.init = ConfigDict(dict(backbone="", weights=""))
@@ -550,7 +552,49 @@ def custom_data(options: dict[str, str]) -> tuple[ConfigDict, tuple[str, ...], s
   raise ValueError(f"custom data: unknown format={fmt!r}; choose voc or coco")
 
 
-def custom_config(get_config, options: dict[str, str]) -> ConfigDict:
+def num_train_images(train: Mapping) -> int:
+  """The number of training images of a custom data section (``data.train``): the names
+  in the VOC split files, or the images with at least one box in the COCO file."""
+  if train["kind"] == "voc":
+    return sum(len(open(_split_file(train["root"], split)).read().split())
+               for split in train["splits"])
+  with open(train["annotation_file"], encoding="utf-8") as f:
+    coco = json.load(f)
+  with_boxes = {a["image_id"] for a in coco.get("annotations", [])}
+  return len(with_boxes) if not train.get("keep_empty") else len(coco.get("images", []))
+
+
+def scale_schedule(config: ConfigDict, factor: float) -> None:
+  """Scales every step count of ``config``'s schedule (steps, warm-up, decay points,
+  evaluation and checkpoint intervals) by ``factor``: the same epochs on another number of
+  images at the same batch. An interval of 0 stays "off"; a count stays at least 1."""
+  def scaled(n: int) -> int:
+    return max(1, round(n * factor)) if n else 0
+
+  config.train.num_steps = scaled(int(config.train.num_steps))
+  for name in ("eval_every", "checkpoint_every"):
+    config.train[name] = min(scaled(int(config.train[name])), config.train.num_steps)
+  config.train.log_every = max(1, min(int(config.train.log_every), config.train.num_steps))
+  config.optim.warmup_steps = scaled(int(config.optim.warmup_steps))
+  config.optim.milestones = tuple(scaled(int(m)) for m in config.optim.milestones)
+
+
+def small_schedule(config: ConfigDict, num_images: int, *, epochs: int, eval_epochs: int,
+                   warmup_epochs: int, batch: int = 8) -> None:
+  """A schedule in epochs of ``num_images`` at ``batch`` (the small-data recipes): steps,
+  evaluation every ``eval_epochs``, warm-up, no periodic checkpoints but those of the
+  evaluations and the last step."""
+  per_epoch = max(1, math.ceil(num_images / batch))
+  config.data.batch_size = batch
+  config.data.num_workers = 0
+  config.train.num_steps = epochs * per_epoch
+  config.train.eval_every = min(eval_epochs * per_epoch, config.train.num_steps)
+  config.train.log_every = min(20, config.train.num_steps)
+  config.train.checkpoint_every = 0
+  config.optim.warmup_steps = min(warmup_epochs * per_epoch, config.train.num_steps // 4)
+
+
+def custom_config(get_config, options: dict[str, str], *, small=None) -> ConfigDict:
   """The ``custom`` variant of a model config: its ``recipe`` on your own data.
 
   Every model config (``configs/<model>.py:custom,...``) calls this with its own
@@ -558,9 +602,13 @@ def custom_config(get_config, options: dict[str, str]) -> ConfigDict:
   paper's COCO setting; ``shapes`` the CPU quick start, ``smoke`` a tiny model
   for tests) is built and its data sources replaced by :func:`custom_data`'s;
   the model's ``num_classes`` and ``data.num_classes`` become the number of
-  classes read from the data. The transforms, model, optimiser and schedule stay
-  the recipe's (override them on the command line, e.g.
-  ``--config.train.num_steps=3000``). ``data.class_names`` records the class
+  classes read from the data. With ``recipe=coco`` the schedule keeps the paper's
+  epochs on your images (steps, warm-up, decay points and intervals scaled by
+  the number of training images over COCO's); ``recipe=small`` is the model's
+  small-data recipe (the ``shapes`` model at the input size and augmentation
+  that the raccoon photos measured, with a schedule in epochs; ``small``, given
+  by the model's config); ``shapes`` and ``smoke`` keep their steps. Override
+  anything on the command line, e.g. ``--config.train.num_steps=3000``. ``data.class_names`` records the class
   names; ``train.py`` writes them next to the checkpoints.
 
     python train.py --config configs/ssd300.py:custom,format=voc,root=data/raccoon ...
@@ -573,14 +621,22 @@ def custom_config(get_config, options: dict[str, str]) -> ConfigDict:
                      f"{list(CUSTOM_OPTIONS)}")
   recipe = options.get("recipe", "coco")
   if recipe == "custom":
-    raise ValueError("recipe=custom: name the variant whose recipe to use (coco, shapes, smoke)")
-  config = get_config(recipe)
+    raise ValueError("recipe=custom: name the variant whose recipe to use (coco, small, "
+                     "shapes, smoke)")
+  if recipe == "small" and small is None:
+    raise ValueError("recipe=small is not defined for this model yet; use recipe=shapes "
+                     "with overrides (docs/raccoon.md)")
+  config = get_config("shapes" if recipe == "small" else recipe)
   source, names, fmt = custom_data(options)
   config.data.train = source.train
   config.data.val = source.val
   config.data.num_classes = len(names)
   config.data.class_names = names
   config.model.num_classes = len(names)
+  if recipe == "coco":  # the paper's epochs on these images, not COCO's steps
+    scale_schedule(config, num_train_images(source.train) / COCO_TRAIN_IMAGES)
+  elif recipe == "small":
+    small(config, num_train_images(source.train))
   if fmt == "voc" and "eval" in config and "voc" not in tuple(config.eval.metrics):
     config.eval.metrics = tuple(config.eval.metrics) + ("voc",)  # VOC07 mAP as well
   return config

@@ -119,9 +119,19 @@ def paper_recipe(config: ml_collections.ConfigDict, model: ml_collections.Config
     config.eval.metrics = ("coco", "voc")
 
 
+def small_recipe(config: ml_collections.ConfigDict, num_images: int) -> None:
+  """``custom,...,recipe=small``: the ``shapes`` model at 192x192 with larger default
+  boxes, flips, batch 8, 40 epochs (evaluated every 10): what the raccoon photos measured
+  (docs/raccoon.md: 160 photos, 800 steps, AP50 0.82 in 11 minutes on 2 cores)."""
+  config.model.image_size = 192
+  config.data.transforms.size = 192
+  config.model.size_rule = (0.3, 0.95, 0.15)
+  common.small_schedule(config, num_images, epochs=40, eval_epochs=10, warmup_epochs=5)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config, variant, options = common.start_config(
-      "ssd", arg, ("coco", "voc", "shapes", "smoke", "custom"), get_config)
+      "ssd", arg, ("coco", "voc", "shapes", "smoke", "custom"), get_config, small=small_recipe)
   if variant == "custom":
     return config
   # What eval.py --tta runs (RefineDet's multi-scale and flip recipe; see jdet.evaluation.tta).

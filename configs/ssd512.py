@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   variant, options = common.parse_variant(arg, ("coco", "voc", "shapes", "smoke", "custom"),
                                           default="coco")
   if variant == "custom":  # your own data (configs/common.py: custom_config)
-    return common.custom_config(get_config, options)
+    return common.custom_config(get_config, options, small=ssd300.small_recipe)
   config = ssd300.get_config(arg)
   if variant in ("coco", "voc"):
     config.model.image_size = 512
