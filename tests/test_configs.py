@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from configs import common, faster_rcnn_r50_fpn, refinedet512, sparse_rcnn, ssd300, ssd512
@@ -46,7 +48,7 @@ def test_options_remember_what_the_config_read():
   common.check_options(options, "v")  # all read now
 
 
-RACCOON = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
+RACCOON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
 
 
 def test_the_small_recipe_is_the_measured_raccoon_recipe():

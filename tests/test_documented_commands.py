@@ -155,7 +155,7 @@ def test_the_commands_are_found():
 def test_documented_command(source, program, arguments, coco_files):
   args = _fill(arguments, coco_files)
   spec, overrides, other = _split(args)
-  unknown = set(other) - _program_flags(program) - {f.lstrip("-") for f in ()}
+  unknown = set(other) - _program_flags(program)
   assert not unknown, f"{source}: {program} has no flag {sorted(unknown)}"
   if spec is None:  # the run's saved config (eval.py / predict.py --workdir)
     assert program in ("eval.py", "predict.py", "-m jdet.inference.export") and "workdir" in other
@@ -217,9 +217,12 @@ def _reference_file(name: str, folder: Path) -> Path:
   return path
 
 
+WEIGHTS_COMMANDS = _weights_commands()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("source, program, arguments", _weights_commands(),
-                         ids=[f"{s}:{p}" for s, p, _ in _weights_commands()])
+@pytest.mark.parametrize("source, program, arguments", WEIGHTS_COMMANDS,
+                         ids=[f"{s}:{p}" for s, p, _ in WEIGHTS_COMMANDS])
 def test_documented_weights_load(source, program, arguments, coco_files, tmp_path_factory):
   import jax
 
