@@ -556,7 +556,7 @@ def num_train_images(train: Mapping) -> int:
   """The number of training images of a custom data section (``data.train``): the names
   in the VOC split files, or the images with at least one box in the COCO file."""
   if train["kind"] == "voc":
-    return sum(len(open(_split_file(train["root"], split)).read().split())
+    return sum(len(Path(_split_file(train["root"], split)).read_text().split())
                for split in train["splits"])
   with open(train["annotation_file"], encoding="utf-8") as f:
     coco = json.load(f)
